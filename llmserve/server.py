@@ -1,0 +1,98 @@
+"""``LLMServer``: the Ray Serve deployment that owns one engine per replica.
+
+The ingress talks to it through a deployment handle. Every answer crosses the
+Ray boundary as a value: bytes for a whole response, SSE text for a stream, or
+an ``LLMServeError``; no exception (and so no traceback) travels to a client.
+The engine class is a constructor argument, so tests swap in a fake one.
+
+Example::
+
+    deployment = LLMServer.as_deployment(config.get_serve_options(name_prefix="vLLM:")).bind(config)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator, Optional, Union
+
+from llmserve.config import LLMConfig
+from llmserve.engine import Endpoint, Engine
+from llmserve.errors import EngineError, LLMServeError
+
+logger = logging.getLogger(__name__)
+
+
+def _default_engine_cls() -> type[Engine]:
+    from llmserve.vllm_engine import VLLMEngine
+
+    return VLLMEngine
+
+
+class LLMServer:
+    """Serves one model on one replica; Serve scales it by replicas."""
+
+    async def __init__(self, llm_config: Union[LLMConfig, dict], *, engine_cls: Optional[type[Engine]] = None):
+        self._config = LLMConfig.model_validate(llm_config)
+        self._engine = (engine_cls or _default_engine_cls())(self._config)
+        await self._engine.start()
+
+    @classmethod
+    async def create(cls, llm_config: Union[LLMConfig, dict], *, engine_cls: Optional[type[Engine]] = None) -> "LLMServer":
+        """A started server outside Ray Serve (tests, notebooks): ``await LLMServer.create(config)``."""
+        server = cls.__new__(cls)
+        await server.__init__(llm_config, engine_cls=engine_cls)
+        return server
+
+    @classmethod
+    def as_deployment(cls, deployment_options: Optional[dict[str, Any]] = None):
+        """This class as a Ray Serve deployment with the given options."""
+        from ray import serve
+
+        return serve.deployment(cls).options(**(deployment_options or {}))
+
+    async def llm_config(self) -> LLMConfig:
+        return self._config
+
+    async def model_cards(self) -> list[dict[str, Any]]:
+        return await self._engine.model_cards()
+
+    async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> Union[bytes, LLMServeError]:
+        """A whole (non-streaming) response body, or the error to send instead."""
+        try:
+            output = await self._engine.generate(endpoint, body)
+            if isinstance(output, bytes):
+                return output
+            return "".join([event async for event in output]).encode()
+        except Exception as exc:
+            return self._as_client_error(exc, body)
+
+    async def generate_stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[Union[str, LLMServeError]]:
+        """SSE events; a failure before the first event is yielded as the error itself."""
+        try:
+            output = await self._engine.generate(endpoint, body)
+        except Exception as exc:
+            yield self._as_client_error(exc, body)
+            return
+        if isinstance(output, bytes):  # an engine that does not stream this endpoint
+            yield f"data: {output.decode()}\n\ndata: [DONE]\n\n"
+            return
+        try:
+            async for event in output:
+                yield event
+        except Exception as exc:
+            yield self._as_client_error(exc, body).to_sse_event() + "data: [DONE]\n\n"
+
+    async def check_health(self) -> None:
+        await self._engine.check_health()
+
+    def __del__(self):
+        engine = getattr(self, "_engine", None)  # absent when start-up failed
+        if engine is not None:
+            engine.shutdown()
+
+    def _as_client_error(self, exc: Exception, body: dict[str, Any]) -> LLMServeError:
+        if isinstance(exc, LLMServeError):
+            return exc
+        request_id = body.get("request_id", "unknown")
+        logger.exception("request %s failed in the engine of %s", request_id, self._config.model_id)
+        return EngineError(f"The engine failed to serve request {request_id}; see the server log for details.")

@@ -1,0 +1,84 @@
+"""A fake engine, shipped so users can test their apps without a model.
+
+``FakeEngine`` answers like vLLM does in shape (OpenAI JSON and SSE) but its
+text is the prompt echoed back word by word. Words that start with ``fail:``
+make it fail on purpose: ``fail:start`` (before any output), ``fail:stream``
+(after the first event), ``fail:client`` (a 400 the client caused).
+
+Example::
+
+    server = await LLMServer.create(config, engine_cls=FakeEngine)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, AsyncIterator
+
+from llmserve.config import LLMConfig
+from llmserve.engine import Endpoint, EngineOutput
+from llmserve.errors import BadRequestError
+
+
+class FakeEngine:
+    def __init__(self, config: LLMConfig):
+        self._model_id = config.model_id
+        self.started = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> EngineOutput:
+        words = _prompt_text(endpoint, body).split()[: int(body.get("max_tokens") or 16)]
+        if "fail:start" in words:
+            raise RuntimeError("fake engine failure before output")
+        if "fail:client" in words:
+            raise BadRequestError("fake client error", param="messages")
+        if body.get("stream"):
+            return self._stream(endpoint, body, words)
+        return json.dumps(self._response(endpoint, body, " ".join(words), len(words))).encode()
+
+    async def _stream(self, endpoint: Endpoint, body: dict[str, Any], words: list[str]) -> AsyncIterator[str]:
+        for index, word in enumerate(words):
+            if word == "fail:stream" and index > 0:
+                raise RuntimeError("fake engine failure mid-stream")
+            chunk = {"id": body["request_id"], "model": body["model"], "choices": [_choice(endpoint, word, delta=True)]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    def _response(self, endpoint: Endpoint, body: dict[str, Any], text: str, tokens: int) -> dict[str, Any]:
+        return {
+            "id": body["request_id"],
+            "object": "chat.completion" if endpoint == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [_choice(endpoint, text, delta=False)],
+            "usage": {"prompt_tokens": tokens, "completion_tokens": tokens, "total_tokens": 2 * tokens},
+        }
+
+    async def model_cards(self) -> list[dict[str, Any]]:
+        return [{"id": self._model_id, "object": "model", "owned_by": "llmserve", "created": 0}]
+
+    async def check_health(self) -> None:
+        if not self.started:
+            raise RuntimeError("not started")
+
+    def shutdown(self) -> None:
+        self.started = False
+
+
+def _prompt_text(endpoint: Endpoint, body: dict[str, Any]) -> str:
+    if endpoint == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise BadRequestError("messages must be a list", param="messages")
+        return " ".join(str(message.get("content", "")) for message in messages)
+    return str(body.get("prompt", ""))
+
+
+def _choice(endpoint: Endpoint, text: str, *, delta: bool) -> dict[str, Any]:
+    if endpoint == "chat":
+        key = "delta" if delta else "message"
+        return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": None if delta else "stop"}
+    return {"index": 0, "text": text, "finish_reason": None if delta else "stop"}

@@ -1,0 +1,105 @@
+"""A tiny random-weight Llama with a real tokenizer and chat template, made locally.
+
+The tests and the default example serve it: no hub access is needed, it loads
+in seconds on a CPU, and greedy decoding is deterministic. The shapes are ones
+vLLM's CPU attention accepts (head_dim 64). Untied embeddings and a wide
+initializer make the text vary with the prompt and the seed, so tests that
+compare outputs can fail.
+
+Example::
+
+    path = make_tiny_model("/tmp/tiny-llama")
+    LLMConfig(model_loading_config={"model_id": "tiny", "model_source": str(path)})
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Ray Serve scales models across a cluster. "
+    "vLLM batches requests continuously and pages its key value cache. Hello, how are you today? "
+    "Tell me a story about a dragon who learned to code in Python and Rust. 0123456789 "
+    "Streaming responses arrive token by token over server-sent events. Ünïcödé façade naïve 你好 🙂 "
+)
+_FINGERPRINT_FILE = "llmserve_tiny_model.json"
+
+
+def make_tiny_model(path: str | Path, *, seed: int = 0, vocab_size: int = 2048) -> Path:
+    """Write the tiny model to ``path`` (skipped when the same model is already there)."""
+    path = Path(path)
+    fingerprint = {"seed": seed, "vocab_size": vocab_size, "version": 1}
+    marker = path / _FINGERPRINT_FILE
+    if marker.exists() and json.loads(marker.read_text()) == fingerprint:
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer(path, vocab_size)
+    _save_weights(path, seed, vocab_size)
+    marker.write_text(json.dumps(fingerprint))
+    return path
+
+
+def _save_tokenizer(path: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([_CORPUS] * 50, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="</s>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+
+
+def _save_weights(path: Path, seed: int, vocab_size: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the tiny random-weight test model to a folder.")
+    parser.add_argument("path")
+    parser.add_argument("--seed", type=int, default=0)
+    cli_args = parser.parse_args()
+    print(make_tiny_model(cli_args.path, seed=cli_args.seed))

@@ -1,0 +1,195 @@
+"""The vLLM engine: the only module of llmserve that imports vLLM.
+
+It runs vLLM's ``AsyncLLM`` inside the server replica and answers requests with
+vLLM's own OpenAI serving classes, built by vLLM's ``init_app_state`` exactly as
+``vllm serve`` builds them. That is what makes our answers byte-for-byte the
+ones ``vllm serve`` gives: same chat templating, sampling defaults, usage
+counts, validation messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any
+
+import pydantic
+from starlette.datastructures import State
+
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+from llmserve.config import LLMConfig
+from llmserve.engine import Endpoint, EngineOutput
+from llmserve.errors import BadRequestError, ConfigError, EngineError, error_for_status
+
+logger = logging.getLogger(__name__)
+
+# On CPU vLLM reserves gpu_memory_utilization (0.92) of the NUMA node's memory
+# and fails when that much is not free; a fixed KV cache starts everywhere and
+# also skips the memory-profiling warm-up.
+CPU_DEFAULT_KV_CACHE_BYTES = 2 * 1024**3
+
+
+@functools.cache
+def _frontend_fields() -> frozenset[str]:
+    return frozenset(field.name for field in dataclasses.fields(FrontendArgs))
+
+
+@functools.cache
+def accepted_engine_kwargs() -> frozenset[str]:
+    """Every key vLLM accepts in ``engine_kwargs``: engine and OpenAI-frontend arguments."""
+    engine_fields = {field.name for field in dataclasses.fields(AsyncEngineArgs)}
+    return frozenset(engine_fields | _frontend_fields())
+
+
+def has_accelerator() -> bool:
+    from vllm.platforms import current_platform
+
+    return not current_platform.is_cpu()
+
+
+def resolve_engine_kwargs(config: LLMConfig, model_path: str) -> dict[str, Any]:
+    """The full keyword set for vLLM: the user's kwargs plus our defaults and the model."""
+    kwargs = dict(config.engine_kwargs)
+    if not has_accelerator():
+        sizes_memory = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & kwargs.keys()
+        if not sizes_memory and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            kwargs["kv_cache_memory_bytes"] = CPU_DEFAULT_KV_CACHE_BYTES
+    tokenizer = config.model_loading_config.tokenizer_source
+    if tokenizer and "tokenizer" not in kwargs:
+        kwargs["tokenizer"] = tokenizer
+    kwargs["model"] = model_path
+    kwargs["served_model_name"] = [config.model_id]
+    return kwargs
+
+
+def split_engine_kwargs(kwargs: dict[str, Any]) -> tuple[AsyncEngineArgs, FrontendArgs]:
+    frontend = {key: value for key, value in kwargs.items() if key in _frontend_fields()}
+    engine = {key: value for key, value in kwargs.items() if key not in frontend}
+    return AsyncEngineArgs(**engine), FrontendArgs(**frontend)
+
+
+class VLLMEngine:
+    """vLLM behind the ``Engine`` protocol; one per server replica."""
+
+    def __init__(self, config: LLMConfig):
+        self._config = config
+        self._engine_client = None
+        self._state = State()
+
+    async def start(self) -> None:
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        source = self._config.model_loading_config.model_source
+        if not isinstance(source, str):
+            raise ConfigError(f"model_source {source.bucket_uri!r}: object-storage weights are not supported yet")
+        kwargs = resolve_engine_kwargs(self._config, source)
+        engine_args, frontend_args = split_engine_kwargs(kwargs)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        self._engine_client = AsyncLLM.from_vllm_config(
+            vllm_config=vllm_config,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=self._stat_loggers(),
+            enable_log_requests=engine_args.enable_log_requests,
+            disable_log_stats=engine_args.disable_log_stats,
+        )
+        supported_tasks = await self._engine_client.get_supported_tasks()
+        args = argparse.Namespace(**(vars(frontend_args) | vars(engine_args)))
+        await init_app_state(self._engine_client, self._state, args, supported_tasks)
+        self._handlers = self._endpoint_handlers()
+
+    def _stat_loggers(self):
+        if not self._config.log_engine_metrics:
+            return None
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+        return [RayPrometheusStatLogger]
+
+    def _endpoint_handlers(self) -> dict[str, tuple[pydantic.TypeAdapter, Any]]:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+
+        state = self._state
+        chat = getattr(state, "openai_serving_chat", None)
+        completion = getattr(state, "openai_serving_completion", None)
+        embedding = getattr(state, "serving_embedding", None)
+        handlers = {
+            "chat": (ChatCompletionRequest, chat and chat.create_chat_completion),
+            "completions": (CompletionRequest, completion and completion.create_completion),
+            "embeddings": (EmbeddingRequest, embedding),
+        }
+        return {
+            endpoint: (pydantic.TypeAdapter(request_type), handler)
+            for endpoint, (request_type, handler) in handlers.items()
+            if handler is not None
+        }
+
+    async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> EngineOutput:
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        if endpoint not in self._handlers:
+            raise BadRequestError(
+                f"The model `{self._config.model_id}` does not support the {endpoint} endpoint.",
+                code="unsupported_endpoint",
+            )
+        request_adapter, handler = self._handlers[endpoint]
+        try:
+            request = request_adapter.validate_python(body)
+        except pydantic.ValidationError as exc:
+            raise _bad_request_from(exc) from exc
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from exc
+        try:
+            result = await handler(request, None)
+        except Exception as exc:
+            raise _client_error_or_reraise(exc) from exc
+        if isinstance(result, ErrorResponse):
+            raise error_for_status(result.error.code, result.error.message, param=result.error.param)
+        if isinstance(result, pydantic.BaseModel):
+            return result.model_dump_json().encode()
+        if hasattr(result, "body") and hasattr(result, "status_code"):  # a Starlette response
+            if result.status_code >= 400:
+                raise error_for_status(result.status_code, result.body.decode(errors="replace"))
+            return bytes(result.body)
+        return result
+
+    async def model_cards(self) -> list[dict[str, Any]]:
+        models = await self._state.openai_serving_models.show_available_models()
+        return [card.model_dump() for card in models.data]
+
+    async def check_health(self) -> None:
+        if self._engine_client is None:
+            raise EngineError("the engine has not started")
+        await self._engine_client.check_health()
+
+    def shutdown(self) -> None:
+        if self._engine_client is not None:
+            self._engine_client.shutdown()
+            self._engine_client = None
+
+
+def _client_error_or_reraise(exc: Exception) -> Exception:
+    """vLLM's own mapping of its exceptions to statuses; 5xx stay engine failures."""
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    error = create_error_response(exc).error
+    if error.code >= 500:
+        return exc
+    return error_for_status(error.code, error.message, param=error.param)
+
+
+def _bad_request_from(exc: pydantic.ValidationError) -> BadRequestError:
+    first = exc.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if not str(part).startswith("function-")]
+    # Union request types (embeddings) prefix the location with the variant's name.
+    location = [part for part in location if not part[:1].isupper()]
+    param = ".".join(location) or None
+    where = f" (field `{param}`)" if param else ""
+    return BadRequestError(f"Invalid request{where}: {first['msg']}", param=param)

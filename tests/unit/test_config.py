@@ -1,0 +1,111 @@
+"""LLMConfig, the builder's argument checks and Serve options, without Ray running."""
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from llmserve import LLMConfig, build_openai_app
+from llmserve.builder import LLMServingArgs
+from llmserve.errors import ConfigError
+
+
+def config(**overrides):
+    return LLMConfig(model_loading_config={"model_id": "m"}, **overrides)
+
+
+def test_model_source_defaults_to_model_id():
+    assert config().model_loading_config.model_source == "m"
+
+
+def test_unknown_top_level_key_is_named():
+    with pytest.raises(ValidationError, match="model_laoding_config|engine_kwarg"):
+        LLMConfig(model_loading_config={"model_id": "m"}, engine_kwarg={})
+
+
+def test_unknown_deployment_option_is_named():
+    with pytest.raises(ValidationError, match="num_replica"):
+        config(deployment_config={"num_replica": 2})
+
+
+def test_unknown_engine_kwarg_fails_at_config_time():
+    with pytest.raises(ValidationError, match="max_model_length"):
+        config(engine_kwargs={"max_model_length": 10})
+
+
+def test_engine_and_frontend_kwargs_are_accepted():
+    accepted = config(engine_kwargs={"max_model_len": 128, "enforce_eager": True, "chat_template": None})
+    assert accepted.engine_kwargs["max_model_len"] == 128
+
+
+def test_engine_kwargs_cannot_override_the_model():
+    with pytest.raises(ValidationError, match="model_loading_config"):
+        config(engine_kwargs={"model": "other"})
+
+
+def test_num_replicas_auto_and_bucket_source():
+    parsed = LLMConfig(
+        model_loading_config={"model_id": "m", "model_source": {"bucket_uri": "s3://bucket/m/"}},
+        deployment_config={"num_replicas": "auto"},
+    )
+    assert parsed.model_loading_config.model_source.bucket_uri == "s3://bucket/m"
+    with pytest.raises(ValidationError, match="bucket_uri"):
+        LLMConfig(model_loading_config={"model_id": "m", "model_source": {"bucket_uri": "http://x"}})
+
+
+def test_model_id_with_colon_is_rejected():
+    with pytest.raises(ValidationError, match="adapter"):
+        LLMConfig(model_loading_config={"model_id": "base:lora"})
+
+
+def test_lora_config_is_validated():
+    assert config(lora_config={"dynamic_lora_loading_path": "s3://b/loras/"}).lora_config.dynamic_lora_loading_path == "s3://b/loras"
+    with pytest.raises(ValidationError):
+        config(lora_config={"max_num_adapters_per_replica": 0})
+
+
+def test_serve_options_on_cpu(monkeypatch):
+    monkeypatch.setattr("llmserve.placement.gpus_present", lambda: False)
+    options = config(
+        accelerator_type="A10G",
+        deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 2}},
+        runtime_env={"env_vars": {"HF_TOKEN": "t"}},
+    ).get_serve_options(name_prefix="vLLM:")
+    assert options["name"] == "vLLM:m"
+    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 2}
+    assert options["ray_actor_options"]["num_cpus"] == 1
+    assert "accelerator_type" not in options["ray_actor_options"]
+    assert options["ray_actor_options"]["runtime_env"] == {"env_vars": {"HF_TOKEN": "t"}}
+
+
+def test_serve_options_on_gpu(monkeypatch):
+    monkeypatch.setattr("llmserve.placement.gpus_present", lambda: True)
+    single = config(accelerator_type="L4").get_serve_options()
+    assert single["ray_actor_options"]["num_gpus"] == 1
+    assert single["ray_actor_options"]["accelerator_type"] == "L4"
+    sharded = config(engine_kwargs={"tensor_parallel_size": 2}).get_serve_options()
+    assert len(sharded["placement_group_bundles"]) == 2
+    assert all(bundle["GPU"] == 1 for bundle in sharded["placement_group_bundles"])
+
+
+def test_duplicate_model_ids_are_rejected():
+    with pytest.raises(ConfigError, match="twice"):
+        build_openai_app({"llm_configs": [config(), config()]})
+
+
+def test_empty_llm_configs_rejected():
+    with pytest.raises(ValidationError, match="empty"):
+        LLMServingArgs(llm_configs=[])
+
+
+def test_yaml_paths_resolve_relative_to_base_dir(tmp_path):
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "a.yaml").write_text(
+        yaml.safe_dump({"model_loading_config": {"model_id": "a", "model_source": "../weights"}})
+    )
+    args = LLMServingArgs(llm_configs=["models/a.yaml", {"model_loading_config": {"model_id": "hub/b"}}])
+    loaded = args.load_configs(base_dir=tmp_path)
+    assert loaded[0].model_loading_config.model_source == str(tmp_path / "weights")
+    assert loaded[1].model_loading_config.model_source == "hub/b"  # a hub id stays a hub id
+    with pytest.raises(ConfigError, match="not found"):
+        LLMServingArgs(llm_configs=["missing.yaml"]).load_configs(base_dir=tmp_path)

@@ -1,0 +1,139 @@
+"""The HTTP layer in-process: real ASGI app, real routing, fake engine, no Ray."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from llmserve import LLMConfig, LLMServer
+from llmserve.ingress import build_http_app
+from llmserve.routing import LocalBackend, ModelRouter
+from llmserve.testing import FakeEngine
+
+
+def make_app(*model_ids):
+    async def build():
+        servers = {}
+        for model_id in model_ids:
+            config = LLMConfig(model_loading_config={"model_id": model_id})
+            servers[model_id] = LocalBackend(await LLMServer.create(config, engine_cls=FakeEngine))
+        return build_http_app(ModelRouter(servers))
+
+    return asyncio.run(build())
+
+
+def call(app, method, path, **kwargs):
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.request(method, path, **kwargs)
+
+    return asyncio.run(go())
+
+
+def chat(content, model="alpha", **extra):
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+def assert_envelope(response, status, code=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    if code is not None:
+        assert error["code"] == code
+    assert "Traceback" not in response.text
+    return error
+
+
+@pytest.fixture(scope="module")
+def two_models():
+    return make_app("alpha", "beta")
+
+
+def test_routes_by_model_field(two_models):
+    for model in ("alpha", "beta"):
+        response = call(two_models, "POST", "/v1/chat/completions", json=chat("hello there", model=model))
+        assert response.status_code == 200
+        assert response.json()["model"] == model
+        assert response.json()["choices"][0]["message"]["content"] == "hello there"
+
+
+def test_request_id_is_echoed_and_generated(two_models):
+    given = call(two_models, "POST", "/v1/completions", json={"model": "alpha", "prompt": "x"}, headers={"x-request-id": "abc"})
+    assert given.headers["x-request-id"] == "abc" and given.json()["id"] == "abc"
+    fresh = call(two_models, "POST", "/v1/completions", json={"model": "alpha", "prompt": "x"})
+    assert len(fresh.headers["x-request-id"]) >= 16
+
+
+def test_unknown_model_is_404_model_not_found(two_models):
+    error = assert_envelope(call(two_models, "POST", "/v1/chat/completions", json=chat("hi", model="nope")), 404, "model_not_found")
+    assert "nope" in error["message"] and error["param"] == "model"
+
+
+def test_missing_model_with_two_models_is_400(two_models):
+    body = chat("hi")
+    del body["model"]
+    assert_envelope(call(two_models, "POST", "/v1/chat/completions", json=body), 400)
+
+
+def test_missing_model_with_one_model_means_that_one():
+    app = make_app("solo")
+    response = call(app, "POST", "/v1/completions", json={"prompt": "just me"})
+    assert response.status_code == 200 and response.json()["model"] == "solo"
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_malformed_body_is_400(two_models, content):
+    assert_envelope(call(two_models, "POST", "/v1/chat/completions", content=content), 400)
+
+
+def test_non_string_model_is_400(two_models):
+    assert_envelope(call(two_models, "POST", "/v1/chat/completions", json=chat("hi", model=7)), 400)
+
+
+def test_streaming_passes_events_through(two_models):
+    response = call(two_models, "POST", "/v1/chat/completions", json=chat("one two three", stream=True))
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in response.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    words = [json.loads(event)["choices"][0]["delta"]["content"] for event in events[:-1]]
+    assert words == ["one", "two", "three"]
+
+
+def test_error_before_stream_is_a_plain_http_error(two_models):
+    assert_envelope(call(two_models, "POST", "/v1/chat/completions", json=chat("fail:client", stream=True)), 400)
+
+
+def test_engine_failure_is_500_with_request_id_and_no_traceback(two_models):
+    response = call(two_models, "POST", "/v1/chat/completions", json=chat("fail:start"), headers={"x-request-id": "req-42"})
+    error = assert_envelope(response, 500, "engine_error")
+    assert "req-42" in error["message"]
+    stream = call(two_models, "POST", "/v1/chat/completions", json=chat("fail:start", stream=True), headers={"x-request-id": "req-43"})
+    assert "req-43" in assert_envelope(stream, 500)["message"]
+
+
+def test_failure_mid_stream_ends_with_one_error_event(two_models):
+    response = call(two_models, "POST", "/v1/chat/completions", json=chat("ok fail:stream more", stream=True))
+    assert response.status_code == 200
+    events = [line[len("data: "):] for line in response.text.split("\n\n") if line]
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == "ok"
+    assert json.loads(events[1])["error"]["code"] == "engine_error"
+    assert events[2:] == ["[DONE]"]
+
+
+def test_models_list_and_retrieve(two_models):
+    listed = call(two_models, "GET", "/v1/models").json()
+    assert listed["object"] == "list" and [card["id"] for card in listed["data"]] == ["alpha", "beta"]
+    assert call(two_models, "GET", "/v1/models/beta").json()["id"] == "beta"
+    assert_envelope(call(two_models, "GET", "/v1/models/gamma"), 404, "model_not_found")
+
+
+def test_unknown_route_and_wrong_method_use_the_envelope(two_models):
+    assert_envelope(call(two_models, "GET", "/v1/nothing"), 404)
+    assert_envelope(call(two_models, "GET", "/v1/chat/completions"), 405)
+
+
+def test_health(two_models):
+    assert call(two_models, "GET", "/health").json() == {"status": "ok"}
