@@ -1,0 +1,17 @@
+"""Shared fixtures: the tiny models every real-engine test serves."""
+
+from pathlib import Path
+
+import pytest
+
+from llmserve.tiny_model import make_tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+# Small and eager: start-up in seconds, memory in megabytes, same settings everywhere.
+TEST_ENGINE_KWARGS = {"max_model_len": 512, "kv_cache_memory_bytes": 64 * 1024**2, "enforce_eager": True}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_paths() -> dict[str, str]:
+    """Two tiny models with different weights, kept under the repo's models/ folder."""
+    return {name: str(make_tiny_model(REPO / "models" / f"tiny-llama-seed{seed}", seed=seed)) for seed, name in enumerate(["tiny-a", "tiny-b"])}

