@@ -86,12 +86,17 @@ def _with_absolute_source(config: LLMConfig, base_dir: Optional[Path]) -> LLMCon
     return config.model_copy(update={"model_loading_config": loading})
 
 
-def build_openai_app(builder_config: Union[dict[str, Any], LLMServingArgs], *, base_dir: Optional[Path] = None):
+def build_openai_app(builder_config: Union[dict[str, Any], LLMServingArgs]):
     """One OpenAI-compatible Serve application over every model in ``llm_configs``.
 
-    Relative YAML paths are looked up in ``base_dir`` (the serve config's folder,
-    when known) and then in the working directory.
+    Relative YAML paths are looked up in the working directory. (Serve calls
+    builders with exactly one argument; see ``build_openai_app_at`` for a base folder.)
     """
+    return build_openai_app_at(builder_config, base_dir=None)
+
+
+def build_openai_app_at(builder_config: Union[dict[str, Any], LLMServingArgs], *, base_dir: Optional[Path]):
+    """``build_openai_app`` with relative paths looked up in ``base_dir`` first (a config file's folder)."""
     args = LLMServingArgs.model_validate(builder_config)
     deployments = [
         LLMServer.as_deployment(config.get_serve_options(name_prefix=DEPLOYMENT_NAME_PREFIX)).bind(config)

@@ -63,14 +63,14 @@ def build_applications(config: dict[str, Any], base_dir: Path) -> list[tuple[dic
     """Each application of a Serve config, built by its import_path."""
     from ray._common.utils import import_attr
 
-    from llmserve.builder import build_openai_app
+    from llmserve.builder import build_openai_app, build_openai_app_at
 
     built = []
     for application in config["applications"]:
         builder = import_attr(application.get("import_path", DEFAULT_BUILDER).replace(":", "."))
         args = application.get("args", {})
         if builder is build_openai_app:
-            app = builder(args, base_dir=base_dir)
+            app = build_openai_app_at(args, base_dir=base_dir)
         else:
             app = builder(args) if callable(builder) and not hasattr(builder, "bind") else builder
         built.append((application, app))

@@ -15,9 +15,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_http(url: str, timeout: float = 600) -> None:
+def wait_for_http(url: str, timeout: float = 600, process=None) -> None:
+    """Poll until `url` answers 200; give up early if the serving `process` died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode} before {url} answered")
         try:
             if requests.get(url, timeout=5).status_code == 200:
                 return

@@ -1,0 +1,144 @@
+"""llmserve against plain `vllm serve` on the same tiny model, in one run.
+
+Each server is started alone (the machine has few cores), timed until it
+answers, then driven by `vllm bench serve` (random 128 in / 128 out, 200
+prompts, ignore_eos). The table prints both and llmserve's ratios to vLLM.
+
+Usage: python benchmarks/bench_serve.py [--concurrency 32] [--num-prompts 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+VLLM_CLI = [sys.executable, str(REPO / "benchmarks" / "vllm_cli.py")]
+LLMSERVE = str(Path(sys.executable).parent / "llmserve")
+MODEL_ID = "tiny"
+ENGINE_KWARGS = {"max_model_len": 1024, "kv_cache_memory_bytes": 512 * 1024**2}
+METRICS = [
+    ("output_throughput", "output tok/s", True),
+    ("mean_ttft_ms", "TTFT mean ms", False),
+    ("p99_ttft_ms", "TTFT p99 ms", False),
+    ("mean_tpot_ms", "TPOT mean ms", False),
+    ("p99_itl_ms", "ITL p99 ms", False),
+]
+
+
+def start_vllm(model: str, port: int, log) -> subprocess.Popen:
+    flags = ["--port", str(port), "--served-model-name", MODEL_ID, "--disable-log-requests"]
+    for key, value in ENGINE_KWARGS.items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    return subprocess.Popen(VLLM_CLI + ["serve", model] + flags, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def start_llmserve(model: str, port: int, log, workdir: Path) -> subprocess.Popen:
+    config = {
+        "applications": [
+            {
+                "name": "bench",
+                "route_prefix": "/",
+                "import_path": "llmserve:build_openai_app",
+                "args": {"llm_configs": [{"model_loading_config": {"model_id": MODEL_ID, "model_source": model}, "engine_kwargs": ENGINE_KWARGS}]},
+            }
+        ]
+    }
+    path = workdir / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return subprocess.Popen([LLMSERVE, "run", str(path), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_ready(port: int, process: subprocess.Popen, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError("server not ready")
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def bench(model: str, port: int, concurrency: int, num_prompts: int, result: Path, log) -> dict:
+    command = VLLM_CLI + [
+        "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
+        "--model", MODEL_ID, "--tokenizer", model, "--dataset-name", "random",
+        "--random-input-len", "128", "--random-output-len", "128", "--num-prompts", str(num_prompts),
+        "--max-concurrency", str(concurrency), "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl",
+        "--metric-percentiles", "50,99", "--save-result", "--result-dir", str(result.parent),
+        "--result-filename", result.name,
+    ]  # fmt: skip
+    subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return json.loads(result.read_text())
+
+
+def measure(name, starter, model, port, args, workdir) -> dict:
+    with open(workdir / f"{name}.log", "w") as log:
+        began = time.monotonic()
+        process = starter(log)
+        try:
+            wait_ready(port, process)
+            ready_s = time.monotonic() - began
+            print(f"{name}: ready in {ready_s:.1f}s", flush=True)
+            # One small warm-up run so neither side pays first-request costs in the numbers.
+            bench(model, port, args.concurrency, max(args.concurrency, 8), workdir / f"{name}-warm.json", log)
+            results = bench(model, port, args.concurrency, args.num_prompts, workdir / f"{name}.json", log)
+        finally:
+            stop(process)
+    results["ready_s"] = ready_s
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--num-prompts", type=int, default=200)
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(REPO))
+    from llmserve.tiny_model import make_tiny_model
+
+    model = str(make_tiny_model(REPO / "models" / "tiny-llama-seed0", seed=0))
+    args.out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=args.out))
+    vllm = measure("vllm", lambda log: start_vllm(model, args.port, log), model, args.port, args, workdir)
+    ours = measure("llmserve", lambda log: start_llmserve(model, args.port, log, workdir), model, args.port, args, workdir)
+
+    print(f"\nrandom 128 in / 128 out, {args.num_prompts} prompts, concurrency {args.concurrency}, ignore_eos")
+    print(f"{'metric':<16}{'vllm serve':>14}{'llmserve':>14}{'ratio':>10}")
+    for key, label, _ in METRICS + [("ready_s", "ready s", False)]:
+        ratio = ours[key] / vllm[key] if vllm[key] else float("nan")
+        print(f"{label:<16}{vllm[key]:>14.2f}{ours[key]:>14.2f}{ratio:>9.2f}x")
+    (workdir / "summary.json").write_text(json.dumps({"vllm": vllm, "llmserve": ours}, indent=1, default=str))
+    print(f"\nraw results and server logs: {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""`llmserve run` and Ray's `serve run` start the app from the command line and serve requests.
+
+Each command starts (and stops) its own local Ray, as a user's would.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from tests.conftest import REPO, TEST_ENGINE_KWARGS
+from tests.e2e.conftest import free_port, wait_for_http
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def no_ray_in_this_process():
+    import ray
+
+    ray.shutdown()
+
+
+def ask(port, model):
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0
+    )
+
+
+def start(command, cwd, log_path):
+    log = open(log_path, "w")
+    # Each command must start its own Ray, not join one a test before left running.
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True), log
+
+
+def stop(process, timeout=120):
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+
+
+def wait_for_line(log_path, text, process, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = Path(log_path).read_text()
+        if text in content:
+            return content
+        assert process.poll() is None, f"exited early:\n{content[-3000:]}"
+        time.sleep(1)
+    raise TimeoutError(f"{text!r} not printed:\n{Path(log_path).read_text()[-3000:]}")
+
+
+def test_llmserve_run_serves_the_default_example(tiny_model_paths, tmp_path):
+    port = free_port()
+    log_path = tmp_path / "llmserve.log"
+    process, log = start([str(BIN / "llmserve"), "run", "examples/config.yaml", "--port", str(port)], REPO, log_path)
+    try:
+        output = wait_for_line(log_path, f"ready in", process)
+        assert f"http://127.0.0.1:{port}/v1" in output
+        assert "LLMServer:tiny-chat" in output  # progress names the model being loaded
+        answers = {model: ask(port, model) for model in ("tiny-chat", "tiny-chat-2")}
+        assert all(answer.model == model for model, answer in answers.items())
+    finally:
+        assert stop(process) == 0
+        log.close()
+    assert "shutting down" in log_path.read_text()
+
+
+def test_llmserve_run_with_one_model(tiny_model_paths, tmp_path):
+    port = free_port()
+    log_path = tmp_path / "single.log"
+    command = [str(BIN / "llmserve"), "run", "--model", tiny_model_paths["tiny-b"], "--model-id", "solo", "--port", str(port)]
+    process, log = start(command, tmp_path, log_path)
+    try:
+        wait_for_line(log_path, "ready in", process)
+        assert ask(port, "solo").model == "solo"
+    finally:
+        stop(process)
+        log.close()
+
+
+def test_ray_serve_run_with_per_model_yaml(tiny_model_paths, tmp_path):
+    port = free_port()
+    (tmp_path / "models").mkdir()
+    model = {"model_loading_config": {"model_id": "from-yaml", "model_source": tiny_model_paths["tiny-a"]}, "engine_kwargs": TEST_ENGINE_KWARGS}
+    (tmp_path / "models" / "tiny.yaml").write_text(yaml.safe_dump(model))
+    config = {
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [
+            {"name": "llm_app", "route_prefix": "/", "import_path": "llmserve:build_openai_app", "args": {"llm_configs": ["models/tiny.yaml"]}}
+        ],
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    log_path = tmp_path / "serve.log"
+    process, log = start([str(BIN / "serve"), "run", "config.yaml"], tmp_path, log_path)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/v1/models", process=process)
+        assert ask(port, "from-yaml").model == "from-yaml"
+    finally:
+        stop(process)
+        log.close()
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
