@@ -37,7 +37,7 @@ METRICS = [
 
 
 def start_vllm(model: str, port: int, log) -> subprocess.Popen:
-    flags = ["--port", str(port), "--served-model-name", MODEL_ID, "--disable-log-requests"]
+    flags = ["--port", str(port), "--served-model-name", MODEL_ID]
     for key, value in ENGINE_KWARGS.items():
         flags += [f"--{key.replace('_', '-')}", str(value)]
     return subprocess.Popen(VLLM_CLI + ["serve", model] + flags, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -75,6 +75,8 @@ def wait_ready(port: int, process: subprocess.Popen, timeout: float = 900) -> No
 
 
 def stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
     os.killpg(process.pid, signal.SIGINT)
     try:
         process.wait(timeout=120)

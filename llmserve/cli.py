@@ -136,11 +136,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         print("llmserve: shutting down", flush=True)
-        serve.shutdown()
         if started_ray:
             import ray
 
+            serve.shutdown()
             ray.shutdown()
+        else:  # a shared cluster: remove only what we deployed
+            for application, _ in applications:
+                serve.delete(application.get("name", "default"))
 
 
 def _wait_until_running(timeout: float, started: float) -> bool:

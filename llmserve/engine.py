@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from llmserve.config import LLMConfig
 
 Endpoint = Literal["chat", "completions", "embeddings"]
-ENDPOINTS: tuple[Endpoint, ...] = ("chat", "completions", "embeddings")
 
 # A whole JSON body, or the stream of SSE events ("data: ...\n\n") of a streaming request.
 EngineOutput = Union[bytes, AsyncIterator[str]]

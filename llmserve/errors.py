@@ -104,7 +104,20 @@ class ServiceUnavailableError(LLMServeError):
     default_code = "service_unavailable"
 
 
-_BY_STATUS = {400: BadRequestError, 404: ModelNotFoundError, 405: MethodNotAllowedError, 503: ServiceUnavailableError}
+class NotImplementedByModelError(LLMServeError):
+    status_code = 501
+    error_type = "invalid_request_error"
+    default_code = "not_implemented"
+
+
+# vLLM's 404s on the request path are all "no such model or adapter".
+_BY_STATUS = {
+    400: BadRequestError,
+    404: ModelNotFoundError,
+    405: MethodNotAllowedError,
+    501: NotImplementedByModelError,
+    503: ServiceUnavailableError,
+}
 
 
 def error_for_status(status: int, message: str, *, param: str | None = None) -> LLMServeError:

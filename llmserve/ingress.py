@@ -29,10 +29,12 @@ from starlette.routing import Route
 from llmserve.engine import Endpoint
 from llmserve.errors import (
     BadRequestError,
+    EngineError,
     LLMServeError,
     MethodNotAllowedError,
     ModelNotFoundError,
     NotFoundError,
+    ServiceUnavailableError,
 )
 from llmserve.routing import HandleBackend, ModelRouter
 
@@ -65,23 +67,63 @@ async def _read_json_object(request: Request) -> dict[str, Any]:
 
 def _api_endpoint(endpoint: Endpoint, router: ModelRouter):
     async def handle(request: Request) -> Response:
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        request_id = request.headers.get(REQUEST_ID_HEADER)
         try:
             body = await _read_json_object(request)
+            request_id = request_id or _body_request_id(body) or uuid.uuid4().hex
             model_id, backend = router.resolve(body.get("model"))
+            stream = _stream_flag(body)
         except LLMServeError as error:
             return error_response(error, request_id)
         body.setdefault("model", model_id)
         body["request_id"] = request_id
         headers = {REQUEST_ID_HEADER: request_id}
-        if body.get("stream") is True:
-            return await _stream(backend.generate_stream(endpoint, body), headers)
-        result = await backend.generate(endpoint, body)
+        if stream:
+            return await _stream(_guarded(backend.generate_stream(endpoint, body), request_id), headers)
+        try:
+            result = await backend.generate(endpoint, body)
+        except Exception as exc:  # the replica or Ray failed, not the engine
+            result = _backend_failure(exc, request_id)
         if isinstance(result, LLMServeError):
             return error_response(result, request_id)
         return Response(result, media_type="application/json", headers=headers)
 
     return handle
+
+
+def _body_request_id(body: dict[str, Any]) -> Optional[str]:
+    value = body.get("request_id")
+    return value if isinstance(value, str) and value else None
+
+
+def _stream_flag(body: dict[str, Any]) -> bool:
+    stream = body.get("stream", False)
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise BadRequestError("`stream` must be true or false.", param="stream")
+    return stream
+
+
+def _backend_failure(exc: Exception, request_id: str) -> LLMServeError:
+    if type(exc).__name__ == "BackPressureError":  # Serve's queue for the model is full
+        return ServiceUnavailableError(f"The model is overloaded; retry request {request_id} later.")
+    logger.exception("request %s failed between the ingress and the model replica", request_id)
+    return EngineError(f"The server failed to serve request {request_id}; see the server log for details.")
+
+
+async def _guarded(events: AsyncIterator[Any], request_id: str) -> AsyncIterator[Any]:
+    """The backend's events; a failure of the replica itself becomes one last error item."""
+    started = False
+    try:
+        async for event in events:
+            started = True
+            yield event
+    except Exception as exc:
+        error = _backend_failure(exc, request_id)
+        yield error.to_sse_event() + "data: [DONE]\n\n" if started else error
+    finally:
+        await events.aclose()
 
 
 async def _stream(events: AsyncIterator[Any], headers: dict[str, str]) -> Response:
@@ -136,8 +178,6 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     logger.exception("unexpected error on %s", request.url.path)
-    from llmserve.errors import EngineError
-
     request_id = request.headers.get(REQUEST_ID_HEADER)
     return error_response(EngineError(f"Internal error serving request {request_id or ''}".strip()), request_id)
 

@@ -60,9 +60,9 @@ class LLMServer:
         """A whole (non-streaming) response body, or the error to send instead."""
         try:
             output = await self._engine.generate(endpoint, body)
-            if isinstance(output, bytes):
-                return output
-            return "".join([event async for event in output]).encode()
+            if not isinstance(output, bytes):
+                raise TypeError(f"the engine streamed a request sent without stream: {body.get('stream')!r}")
+            return output
         except Exception as exc:
             return self._as_client_error(exc, body)
 

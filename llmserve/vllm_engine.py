@@ -80,6 +80,7 @@ class VLLMEngine:
         self._config = config
         self._engine_client = None
         self._state = State()
+        self._handlers: dict[str, tuple[pydantic.TypeAdapter, Any]] = {}
 
     async def start(self) -> None:
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -180,8 +181,8 @@ def _client_error_or_reraise(exc: Exception) -> Exception:
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
     error = create_error_response(exc).error
-    if error.code >= 500:
-        return exc
+    if error.code >= 500 and error.code not in (501, 503):
+        return exc  # a real engine failure: the server logs it and names the request id
     return error_for_status(error.code, error.message, param=error.param)
 
 

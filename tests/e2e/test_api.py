@@ -86,6 +86,7 @@ def test_greedy_output_equals_offline_vllm(client, tiny_model_paths):
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
     offline = json.loads(line[len("RESULT"):])
     assert served.choices[0].text == offline["text"]

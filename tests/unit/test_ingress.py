@@ -62,6 +62,8 @@ def test_routes_by_model_field(two_models):
 def test_request_id_is_echoed_and_generated(two_models):
     given = call(two_models, "POST", "/v1/completions", json={"model": "alpha", "prompt": "x"}, headers={"x-request-id": "abc"})
     assert given.headers["x-request-id"] == "abc" and given.json()["id"] == "abc"
+    in_body = call(two_models, "POST", "/v1/completions", json={"model": "alpha", "prompt": "x", "request_id": "body-id"})
+    assert in_body.headers["x-request-id"] == "body-id"
     fresh = call(two_models, "POST", "/v1/completions", json={"model": "alpha", "prompt": "x"})
     assert len(fresh.headers["x-request-id"]) >= 16
 
@@ -90,6 +92,35 @@ def test_malformed_body_is_400(two_models, content):
 
 def test_non_string_model_is_400(two_models):
     assert_envelope(call(two_models, "POST", "/v1/chat/completions", json=chat("hi", model=7)), 400)
+
+
+def test_non_boolean_stream_is_400(two_models):
+    error = assert_envelope(call(two_models, "POST", "/v1/chat/completions", json=chat("hi", stream="yes")), 400)
+    assert error["param"] == "stream"
+
+
+class BrokenBackend:
+    """A backend whose transport fails, as a dead replica does."""
+
+    async def generate(self, endpoint, body):
+        raise ConnectionError("replica died")
+
+    async def generate_stream(self, endpoint, body):
+        yield 'data: {"choices": []}\n\n'
+        raise ConnectionError("replica died")
+
+    async def model_cards(self):
+        return []
+
+
+def test_backend_failure_is_500_naming_the_request_and_ends_streams_cleanly():
+    app = build_http_app(ModelRouter({"broken": BrokenBackend()}))
+    whole = call(app, "POST", "/v1/completions", json={"prompt": "x"}, headers={"x-request-id": "r-1"})
+    assert "r-1" in assert_envelope(whole, 500, "engine_error")["message"]
+    streamed = call(app, "POST", "/v1/completions", json={"prompt": "x", "stream": True}, headers={"x-request-id": "r-2"})
+    events = [line[len("data: "):] for line in streamed.text.split("\n\n") if line]
+    assert json.loads(events[1])["error"]["code"] == "engine_error" and "r-2" in events[1]
+    assert events[-1] == "[DONE]"
 
 
 def test_streaming_passes_events_through(two_models):
