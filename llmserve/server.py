@@ -15,11 +15,15 @@ from __future__ import annotations
 import logging
 from typing import Any, AsyncIterator, Optional, Union
 
+from llmserve.coalesce import coalesced
 from llmserve.config import LLMConfig
 from llmserve.engine import Endpoint, Engine
 from llmserve.errors import EngineError, LLMServeError
 
 logger = logging.getLogger(__name__)
+
+COALESCING_WINDOW_PER_STREAM_S = 0.0005
+MAX_COALESCING_WINDOW_S = 0.02
 
 
 def _default_engine_cls() -> type[Engine]:
@@ -33,6 +37,7 @@ class LLMServer:
 
     async def __init__(self, llm_config: Union[LLMConfig, dict], *, engine_cls: Optional[type[Engine]] = None):
         self._config = LLMConfig.model_validate(llm_config)
+        self._active_streams = 0
         self._engine = (engine_cls or _default_engine_cls())(self._config)
         await self._engine.start()
 
@@ -76,11 +81,21 @@ class LLMServer:
         if isinstance(output, bytes):  # an engine that does not stream this endpoint
             yield f"data: {output.decode()}\n\ndata: [DONE]\n\n"
             return
+        self._active_streams += 1
         try:
-            async for event in output:
+            async for event in coalesced(output, self._coalescing_window):
                 yield event
         except Exception as exc:
             yield self._as_client_error(exc, body).to_sse_event() + "data: [DONE]\n\n"
+        finally:
+            self._active_streams -= 1
+
+    def _coalescing_window(self) -> float:
+        # A lone stream waits for nothing; each concurrent stream adds a little
+        # wait, so a crowded replica sends fewer, larger Ray messages.
+        if self._active_streams <= 1:
+            return 0.0
+        return min(MAX_COALESCING_WINDOW_S, self._active_streams * COALESCING_WINDOW_PER_STREAM_S)
 
     async def check_health(self) -> None:
         await self._engine.check_health()
