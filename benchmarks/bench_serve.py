@@ -1,10 +1,11 @@
 """llmserve against plain `vllm serve` on the same tiny model, in one run.
 
 Each server is started alone (the machine has few cores), timed until it
-answers, then driven by `vllm bench serve` (random 128 in / 128 out, 200
-prompts, ignore_eos). The table prints both and llmserve's ratios to vLLM.
+answers, then driven by `vllm bench serve` (random 128 in / 128 out, ignore_eos)
+at each concurrency: 200 prompts at 32, 50 at 1 (the latency case). The tables
+print both servers and llmserve's ratios to vLLM.
 
-Usage: python benchmarks/bench_serve.py [--concurrency 32] [--num-prompts 200]
+Usage: python benchmarks/bench_serve.py [--concurrency 1,32] [--num-prompts 200]
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ VLLM_CLI = [sys.executable, str(REPO / "benchmarks" / "vllm_cli.py")]
 LLMSERVE = str(Path(sys.executable).parent / "llmserve")
 MODEL_ID = "tiny"
 ENGINE_KWARGS = {"max_model_len": 1024, "kv_cache_memory_bytes": 512 * 1024**2}
+SERIAL_PROMPTS = 50
 METRICS = [
-    ("output_throughput", "output tok/s", True),
-    ("mean_ttft_ms", "TTFT mean ms", False),
-    ("p99_ttft_ms", "TTFT p99 ms", False),
-    ("mean_tpot_ms", "TPOT mean ms", False),
-    ("p99_itl_ms", "ITL p99 ms", False),
+    ("output_throughput", "output tok/s"),
+    ("mean_ttft_ms", "TTFT mean ms"),
+    ("p99_ttft_ms", "TTFT p99 ms"),
+    ("mean_tpot_ms", "TPOT mean ms"),
+    ("p99_itl_ms", "ITL p99 ms"),
 ]
 
 
@@ -98,7 +100,8 @@ def bench(model: str, port: int, concurrency: int, num_prompts: int, result: Pat
     return json.loads(result.read_text())
 
 
-def measure(name, starter, model, port, args, workdir) -> dict:
+def measure(name, starter, model, port, args, workdir) -> dict[int, dict]:
+    """Results per concurrency, each with the server's start-to-ready seconds."""
     with open(workdir / f"{name}.log", "w") as log:
         began = time.monotonic()
         process = starter(log)
@@ -107,17 +110,28 @@ def measure(name, starter, model, port, args, workdir) -> dict:
             ready_s = time.monotonic() - began
             print(f"{name}: ready in {ready_s:.1f}s", flush=True)
             # One small warm-up run so neither side pays first-request costs in the numbers.
-            bench(model, port, args.concurrency, max(args.concurrency, 8), workdir / f"{name}-warm.json", log)
-            results = bench(model, port, args.concurrency, args.num_prompts, workdir / f"{name}.json", log)
+            bench(model, port, 8, 16, workdir / f"{name}-warm.json", log)
+            results = {}
+            for concurrency in args.concurrency:
+                prompts = args.num_prompts if concurrency > 1 else SERIAL_PROMPTS
+                result = bench(model, port, concurrency, prompts, workdir / f"{name}-c{concurrency}.json", log)
+                results[concurrency] = {**result, "ready_s": ready_s, "num_prompts": prompts}
         finally:
             stop(process)
-    results["ready_s"] = ready_s
     return results
+
+
+def print_table(concurrency: int, vllm: dict, ours: dict) -> None:
+    print(f"\nrandom 128 in / 128 out, {ours['num_prompts']} prompts, concurrency {concurrency}, ignore_eos")
+    print(f"{'metric':<16}{'vllm serve':>14}{'llmserve':>14}{'ratio':>10}")
+    for key, label in METRICS + [("ready_s", "ready s")]:
+        ratio = ours[key] / vllm[key] if vllm[key] else float("nan")
+        print(f"{label:<16}{vllm[key]:>14.2f}{ours[key]:>14.2f}{ratio:>9.2f}x")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=lambda text: [int(part) for part in text.split(",")], default=[1, 32])
     parser.add_argument("--num-prompts", type=int, default=200)
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -131,12 +145,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=args.out))
     vllm = measure("vllm", lambda log: start_vllm(model, args.port, log), model, args.port, args, workdir)
     ours = measure("llmserve", lambda log: start_llmserve(model, args.port, log, workdir), model, args.port, args, workdir)
-
-    print(f"\nrandom 128 in / 128 out, {args.num_prompts} prompts, concurrency {args.concurrency}, ignore_eos")
-    print(f"{'metric':<16}{'vllm serve':>14}{'llmserve':>14}{'ratio':>10}")
-    for key, label, _ in METRICS + [("ready_s", "ready s", False)]:
-        ratio = ours[key] / vllm[key] if vllm[key] else float("nan")
-        print(f"{label:<16}{vllm[key]:>14.2f}{ours[key]:>14.2f}{ratio:>9.2f}x")
+    for concurrency in args.concurrency:
+        print_table(concurrency, vllm[concurrency], ours[concurrency])
     (workdir / "summary.json").write_text(json.dumps({"vllm": vllm, "llmserve": ours}, indent=1, default=str))
     print(f"\nraw results and server logs: {workdir}")
     return 0
