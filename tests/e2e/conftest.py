@@ -30,6 +30,16 @@ def wait_for_http(url: str, timeout: float = 600, process=None) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+def ask(base_url: str, model: str):
+    """One short greedy chat through the official openai client."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0
+    )
+
+
 def tiny_config(model_id: str, path: str, **overrides):
     from llmserve import LLMConfig
 

@@ -10,12 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import openai
 import pytest
 import yaml
 
 from tests.conftest import REPO, TEST_ENGINE_KWARGS
-from tests.e2e.conftest import free_port, wait_for_http
+from tests.e2e.conftest import ask, free_port, wait_for_http
 
 BIN = Path(sys.executable).parent
 
@@ -25,13 +24,6 @@ def no_ray_in_this_process():
     import ray
 
     ray.shutdown()
-
-
-def ask(port, model):
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-    return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0
-    )
 
 
 def start(command, cwd, log_path):
@@ -69,7 +61,7 @@ def test_llmserve_run_serves_the_default_example(tiny_model_paths, tmp_path):
         output = wait_for_line(log_path, f"ready in", process)
         assert f"http://127.0.0.1:{port}/v1" in output
         assert "LLMServer:tiny-chat" in output  # progress names the model being loaded
-        answers = {model: ask(port, model) for model in ("tiny-chat", "tiny-chat-2")}
+        answers = {model: ask(f"http://127.0.0.1:{port}", model) for model in ("tiny-chat", "tiny-chat-2")}
         assert all(answer.model == model for model, answer in answers.items())
     finally:
         assert stop(process) == 0
@@ -84,7 +76,7 @@ def test_llmserve_run_with_one_model(tiny_model_paths, tmp_path):
     process, log = start(command, tmp_path, log_path)
     try:
         wait_for_line(log_path, "ready in", process)
-        assert ask(port, "solo").model == "solo"
+        assert ask(f"http://127.0.0.1:{port}", "solo").model == "solo"
     finally:
         stop(process)
         log.close()
@@ -106,7 +98,7 @@ def test_ray_serve_run_with_per_model_yaml(tiny_model_paths, tmp_path):
     process, log = start([str(BIN / "serve"), "run", "config.yaml"], tmp_path, log_path)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/v1/models", process=process)
-        assert ask(port, "from-yaml").model == "from-yaml"
+        assert ask(f"http://127.0.0.1:{port}", "from-yaml").model == "from-yaml"
     finally:
         stop(process)
         log.close()

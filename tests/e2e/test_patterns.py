@@ -1,16 +1,8 @@
 """The bind pattern and the older API names serve requests on real Ray Serve + vLLM."""
 
-import openai
 from ray import serve
 
-from tests.e2e.conftest import tiny_config, wait_for_http
-
-
-def ask(base_url, model):
-    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0
-    )
+from tests.e2e.conftest import ask, tiny_config, wait_for_http
 
 
 def test_bind_pattern_and_legacy_names(serve_port, tiny_model_paths):

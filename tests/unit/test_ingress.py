@@ -36,6 +36,10 @@ def chat(content, model="alpha", **extra):
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
 
 
+def sse_events(response):
+    return [line[len("data: "):] for line in response.text.split("\n\n") if line]
+
+
 def assert_envelope(response, status, code=None):
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -118,7 +122,7 @@ def test_backend_failure_is_500_naming_the_request_and_ends_streams_cleanly():
     whole = call(app, "POST", "/v1/completions", json={"prompt": "x"}, headers={"x-request-id": "r-1"})
     assert "r-1" in assert_envelope(whole, 500, "engine_error")["message"]
     streamed = call(app, "POST", "/v1/completions", json={"prompt": "x", "stream": True}, headers={"x-request-id": "r-2"})
-    events = [line[len("data: "):] for line in streamed.text.split("\n\n") if line]
+    events = sse_events(streamed)
     assert json.loads(events[1])["error"]["code"] == "engine_error" and "r-2" in events[1]
     assert events[-1] == "[DONE]"
 
@@ -127,7 +131,7 @@ def test_streaming_passes_events_through(two_models):
     response = call(two_models, "POST", "/v1/chat/completions", json=chat("one two three", stream=True))
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
-    events = [line[len("data: "):] for line in response.text.split("\n\n") if line]
+    events = sse_events(response)
     assert events[-1] == "[DONE]"
     words = [json.loads(event)["choices"][0]["delta"]["content"] for event in events[:-1]]
     assert words == ["one", "two", "three"]
@@ -148,7 +152,7 @@ def test_engine_failure_is_500_with_request_id_and_no_traceback(two_models):
 def test_failure_mid_stream_ends_with_one_error_event(two_models):
     response = call(two_models, "POST", "/v1/chat/completions", json=chat("ok fail:stream more", stream=True))
     assert response.status_code == 200
-    events = [line[len("data: "):] for line in response.text.split("\n\n") if line]
+    events = sse_events(response)
     assert json.loads(events[0])["choices"][0]["delta"]["content"] == "ok"
     assert json.loads(events[1])["error"]["code"] == "engine_error"
     assert events[2:] == ["[DONE]"]
