@@ -157,14 +157,24 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         print("llmserve: shutting down", flush=True)
-        if started_ray:
-            import ray
+        _shut_down([application.get("name", "default") for application, _ in applications], started_ray)
 
+
+def _shut_down(app_names: list[str], started_ray: bool) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        if started_ray:
             serve.shutdown()
-            ray.shutdown()
         else:  # a shared cluster: remove only what we deployed
-            for application, _ in applications:
-                serve.delete(application.get("name", "default"))
+            for name in app_names:
+                serve.delete(name)
+    except Exception as exc:
+        # Ctrl-C in a terminal reaches Ray's own processes too; they may be gone already.
+        print(f"llmserve: Ray was already stopping ({type(exc).__name__})", file=sys.stderr, flush=True)
+    if started_ray:
+        ray.shutdown()
 
 
 def _wait_until_running(timeout: float, started: float) -> bool:
