@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     port = args.port or http.get("port") or 8000
 
     started = time.monotonic()
+    _interrupt_on_signals()
     started_ray = not _ray_is_running()
     if started_ray:
         _choose_proxy(args.proxy)
@@ -203,11 +204,14 @@ def _wait_until_running(timeout: float, started: float) -> bool:
     return False
 
 
-def _wait_for_interrupt() -> None:
+def _interrupt_on_signals() -> None:
     # SIGTERM (from a process manager) shuts down as cleanly as Ctrl-C, and
     # Ctrl-C works even when started in the background (which ignores SIGINT).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+
+def _wait_for_interrupt() -> None:
     try:
         while True:
             time.sleep(3600)
