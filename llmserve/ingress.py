@@ -1,8 +1,9 @@
 """``OpenAiIngress``: the OpenAI-compatible HTTP front door.
 
-It parses each request body once, picks the backend by the `model` field,
-and passes bytes through: whole JSON bodies as they are, streams as the SSE
-events the engine made. Every failure leaves as the OpenAI error envelope.
+It parses each request body once, picks the backend by the `model` field and
+hands the request on; in a Serve app the backend relays the chosen replica's
+response bytes as they arrive (``relay.py``), never parsing or re-encoding
+them. Every failure leaves as the OpenAI error envelope.
 ``build_http_app`` is a plain ASGI app (Starlette) so tests can drive it
 in-process; ``OpenAiIngress`` is the same app as a Ray Serve deployment.
 
@@ -18,12 +19,12 @@ import asyncio
 import json
 import logging
 import uuid
-from typing import Any, AsyncIterator, Optional
+from typing import Any, Optional
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llmserve.engine import Endpoint
@@ -34,13 +35,13 @@ from llmserve.errors import (
     MethodNotAllowedError,
     ModelNotFoundError,
     NotFoundError,
-    ServiceUnavailableError,
 )
-from llmserve.routing import HandleBackend, ModelRouter
+from llmserve.responses import REQUEST_ID_HEADER, ApiRequest, error_response
+from llmserve.relay import ReplicaRelay
+from llmserve.routing import ModelRouter
 
 logger = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "x-request-id"
 # The ingress only parses and forwards; it needs little CPU but must never be
 # the queue in front of the engines.
 DEFAULT_INGRESS_OPTIONS = {
@@ -50,14 +51,9 @@ DEFAULT_INGRESS_OPTIONS = {
 }
 
 
-def error_response(error: LLMServeError, request_id: Optional[str] = None) -> Response:
-    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
-    return Response(error.to_json_bytes(), status_code=error.status_code, media_type="application/json", headers=headers)
-
-
-async def _read_json_object(request: Request) -> dict[str, Any]:
+def _parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequestError(f"The request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
@@ -69,7 +65,8 @@ def _api_endpoint(endpoint: Endpoint, router: ModelRouter):
     async def handle(request: Request) -> Response:
         request_id = request.headers.get(REQUEST_ID_HEADER)
         try:
-            body = await _read_json_object(request)
+            raw_body = await request.body()
+            body = _parse_json_object(raw_body)
             request_id = request_id or _body_request_id(body) or uuid.uuid4().hex
             model_id, backend = router.resolve(body.get("model"))
             stream = _stream_flag(body)
@@ -77,16 +74,7 @@ def _api_endpoint(endpoint: Endpoint, router: ModelRouter):
             return error_response(error, request_id)
         body.setdefault("model", model_id)
         body["request_id"] = request_id
-        headers = {REQUEST_ID_HEADER: request_id}
-        if stream:
-            return await _stream(_guarded(backend.generate_stream(endpoint, body), request_id), headers)
-        try:
-            result = await backend.generate(endpoint, body)
-        except Exception as exc:  # the replica or Ray failed, not the engine
-            result = _backend_failure(exc, request_id)
-        if isinstance(result, LLMServeError):
-            return error_response(result, request_id)
-        return Response(result, media_type="application/json", headers=headers)
+        return await backend.respond(ApiRequest(endpoint, body, raw_body, request_id, stream))
 
     return handle
 
@@ -103,47 +91,6 @@ def _stream_flag(body: dict[str, Any]) -> bool:
     if not isinstance(stream, bool):
         raise BadRequestError("`stream` must be true or false.", param="stream")
     return stream
-
-
-def _backend_failure(exc: Exception, request_id: str) -> LLMServeError:
-    if type(exc).__name__ == "BackPressureError":  # Serve's queue for the model is full
-        return ServiceUnavailableError(f"The model is overloaded; retry request {request_id} later.")
-    logger.exception("request %s failed between the ingress and the model replica", request_id)
-    return EngineError(f"The server failed to serve request {request_id}; see the server log for details.")
-
-
-async def _guarded(events: AsyncIterator[Any], request_id: str) -> AsyncIterator[Any]:
-    """The backend's events; a failure of the replica itself becomes one last error item."""
-    started = False
-    try:
-        async for event in events:
-            started = True
-            yield event
-    except Exception as exc:
-        error = _backend_failure(exc, request_id)
-        yield error.to_sse_event() + "data: [DONE]\n\n" if started else error
-    finally:
-        await events.aclose()
-
-
-async def _stream(events: AsyncIterator[Any], headers: dict[str, str]) -> Response:
-    # The first event decides the status: an error before any token is a plain
-    # HTTP error, not a 200 stream that carries one.
-    first = await anext(events, None)
-    if isinstance(first, LLMServeError):
-        await events.aclose()
-        return error_response(first, headers[REQUEST_ID_HEADER])
-
-    async def body() -> AsyncIterator[str]:
-        try:
-            if first is not None:
-                yield first
-            async for event in events:
-                yield event
-        finally:
-            await events.aclose()
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
 def _models_endpoints(router: ModelRouter):
@@ -205,7 +152,7 @@ class OpenAiIngress:
     async def __init__(self, llm_deployments: list[Any]):
         configs = await asyncio.gather(*(handle.llm_config.remote() for handle in llm_deployments))
         self._router = ModelRouter(
-            {config.model_id: HandleBackend(handle) for config, handle in zip(configs, llm_deployments)}
+            {config.model_id: ReplicaRelay(handle) for config, handle in zip(configs, llm_deployments)}
         )
 
     def __serve_build_asgi_app__(self) -> Starlette:

@@ -1,29 +1,31 @@
 """Which backend serves a request: the `model` field decides.
 
-A backend is anything with the server's three calls (``generate``,
-``generate_stream``, ``model_cards``): a Ray deployment handle in production
-(``HandleBackend``), a server object in-process for tests (``LocalBackend``).
-The router itself knows no Ray and no HTTP.
+A backend turns an ``ApiRequest`` into an HTTP response and lists its model
+cards. In production it is a ``ReplicaRelay`` (``relay.py``: a Serve handle
+picks the replica, the bytes come from the replica's own HTTP server); in
+process, for tests and inside each replica, it is a ``LocalBackend`` over an
+``LLMServer`` object. The router itself knows no Ray and no HTTP.
 
 Example::
 
-    router = ModelRouter({"qwen": HandleBackend(handle)})
-    router.resolve("qwen")        # -> that backend
+    router = ModelRouter({"qwen": ReplicaRelay(handle)})
+    router.resolve("qwen")        # -> ("qwen", that backend)
+    router.resolve("qwen:sql")    # -> ("qwen", that backend): an adapter of qwen
     router.resolve("gpt-9")       # -> raises ModelNotFoundError (404)
 """
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Optional, Protocol, Union
+from typing import Any, Optional, Protocol
 
-from llmserve.engine import Endpoint
+from starlette.responses import Response
+
 from llmserve.errors import BadRequestError, LLMServeError, ModelNotFoundError
+from llmserve.responses import REQUEST_ID_HEADER, ApiRequest, backend_failure, error_response, guarded, streamed_response
 
 
 class Backend(Protocol):
-    async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> Union[bytes, LLMServeError]: ...
-
-    def generate_stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[Union[str, LLMServeError]]: ...
+    async def respond(self, request: ApiRequest) -> Response: ...
 
     async def model_cards(self) -> list[dict[str, Any]]: ...
 
@@ -63,42 +65,22 @@ class ModelRouter:
 
 
 class LocalBackend:
-    """A server object called in-process (no Ray): for tests and embedding."""
+    """An ``LLMServer`` object called in-process (no Ray, no network)."""
 
     def __init__(self, server: Any):
         self._server = server
 
-    async def generate(self, endpoint, body):
-        return await self._server.generate(endpoint, body)
-
-    def generate_stream(self, endpoint, body):
-        return self._server.generate_stream(endpoint, body)
-
-    async def model_cards(self):
-        return await self._server.model_cards()
-
-
-class HandleBackend:
-    """A Ray Serve deployment handle of an ``LLMServer``."""
-
-    def __init__(self, handle: Any):
-        self._handle = handle
-        self._stream_handle = handle.options(stream=True)
-
-    async def generate(self, endpoint, body):
-        return await self._handle.generate.remote(endpoint, body)
-
-    async def generate_stream(self, endpoint, body):
-        response = self._stream_handle.generate_stream.remote(endpoint, body)
-        finished = False
+    async def respond(self, request: ApiRequest) -> Response:
+        if request.stream:
+            events = self._server.generate_stream(request.endpoint, request.body)
+            return await streamed_response(guarded(events, request.request_id), request.request_id)
         try:
-            async for item in response:
-                yield item
-            finished = True
-        finally:
-            if not finished:
-                # The client went away: stop the replica (and the engine) too.
-                response.cancel()
+            result = await self._server.generate(request.endpoint, request.body)
+        except Exception as exc:  # the server object itself failed, not its engine
+            result = backend_failure(exc, request.request_id)
+        if isinstance(result, LLMServeError):
+            return error_response(result, request.request_id)
+        return Response(result, media_type="application/json", headers={REQUEST_ID_HEADER: request.request_id})
 
-    async def model_cards(self):
-        return await self._handle.model_cards.remote()
+    async def model_cards(self) -> list[dict[str, Any]]:
+        return await self._server.model_cards()

@@ -1,9 +1,12 @@
 """``LLMServer``: the Ray Serve deployment that owns one engine per replica.
 
-The ingress talks to it through a deployment handle. Every answer crosses the
-Ray boundary as a value: bytes for a whole response, SSE text for a stream, or
-an ``LLMServeError``; no exception (and so no traceback) travels to a client.
-The engine class is a constructor argument, so tests swap in a fake one.
+The ingress leases a replica through a deployment handle (``reserve``) and
+sends the request to the replica's own HTTP server (``relay.py``), which
+answers with the same OpenAI API for this one model. ``generate`` and
+``generate_stream`` are the in-process form of the same calls: every answer is
+a value (bytes, SSE text, or an ``LLMServeError``), so no exception (and no
+traceback) reaches a client. The engine class is a constructor argument, so
+tests swap in a fake one.
 
 Example::
 
@@ -19,6 +22,7 @@ from llmserve.coalesce import coalesced
 from llmserve.config import LLMConfig
 from llmserve.engine import Endpoint, Engine
 from llmserve.errors import EngineError, LLMServeError
+from llmserve.relay import ReplicaDataPlane
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,13 @@ class LLMServer:
         self._active_streams = 0
         self._engine = (engine_cls or _default_engine_cls())(self._config)
         await self._engine.start()
+        self._data_plane = ReplicaDataPlane(self._own_http_app())
+
+    def _own_http_app(self):
+        from llmserve.ingress import build_http_app
+        from llmserve.routing import LocalBackend, ModelRouter
+
+        return build_http_app(ModelRouter({self._config.model_id: LocalBackend(self)}))
 
     @classmethod
     async def create(cls, llm_config: Union[LLMConfig, dict], *, engine_cls: Optional[type[Engine]] = None) -> "LLMServer":
@@ -55,11 +66,20 @@ class LLMServer:
 
         return serve.deployment(cls).options(**(deployment_options or {}))
 
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
     async def llm_config(self) -> LLMConfig:
         return self._config
 
     async def model_cards(self) -> list[dict[str, Any]]:
         return await self._engine.model_cards()
+
+    async def reserve(self, lease_id: str) -> AsyncIterator[tuple[str, str]]:
+        """A lease on this replica: its HTTP URL first, then open until that request ends."""
+        async for item in self._data_plane.hold(lease_id):
+            yield item
 
     async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> Union[bytes, LLMServeError]:
         """A whole (non-streaming) response body, or the error to send instead."""
@@ -92,7 +112,7 @@ class LLMServer:
 
     def _coalescing_window(self) -> float:
         # A lone stream waits for nothing; each concurrent stream adds a little
-        # wait, so a crowded replica sends fewer, larger Ray messages.
+        # wait, so a crowded replica makes fewer, larger writes.
         if self._active_streams <= 1:
             return 0.0
         return min(MAX_COALESCING_WINDOW_S, self._active_streams * COALESCING_WINDOW_PER_STREAM_S)
@@ -101,6 +121,9 @@ class LLMServer:
         await self._engine.check_health()
 
     def __del__(self):
+        data_plane = getattr(self, "_data_plane", None)
+        if data_plane is not None:
+            data_plane.stop()
         engine = getattr(self, "_engine", None)  # absent when start-up failed
         if engine is not None:
             engine.shutdown()

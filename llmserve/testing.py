@@ -3,7 +3,10 @@
 ``FakeEngine`` answers like vLLM does in shape (OpenAI JSON and SSE) but its
 text is the prompt echoed back word by word. Words that start with ``fail:``
 make it fail on purpose: ``fail:start`` (before any output), ``fail:stream``
-(after the first event), ``fail:client`` (a 400 the client caused).
+(after the first event), ``fail:client`` (a 400 the client caused). The word
+``slow`` spaces a stream's events 20 ms apart, and ``open_streams`` counts the
+streams being generated, so a test can see a stream stop when its client
+leaves.
 
 Example::
 
@@ -12,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any, AsyncIterator
@@ -25,6 +29,7 @@ class FakeEngine:
     def __init__(self, config: LLMConfig):
         self._model_id = config.model_id
         self.started = False
+        self.open_streams = 0
 
     async def start(self) -> None:
         self.started = True
@@ -40,12 +45,18 @@ class FakeEngine:
         return json.dumps(self._response(endpoint, body, " ".join(words), len(words))).encode()
 
     async def _stream(self, endpoint: Endpoint, body: dict[str, Any], words: list[str]) -> AsyncIterator[str]:
-        for index, word in enumerate(words):
-            if word == "fail:stream" and index > 0:
-                raise RuntimeError("fake engine failure mid-stream")
-            chunk = {"id": body["request_id"], "model": body["model"], "choices": [_choice(endpoint, word, delta=True)]}
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
+        pause = 0.02 if "slow" in words else 0.0
+        self.open_streams += 1
+        try:
+            for index, word in enumerate(words):
+                if word == "fail:stream" and index > 0:
+                    raise RuntimeError("fake engine failure mid-stream")
+                chunk = {"id": body["request_id"], "model": body["model"], "choices": [_choice(endpoint, word, delta=True)]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+                await asyncio.sleep(pause)
+            yield "data: [DONE]\n\n"
+        finally:
+            self.open_streams -= 1
 
     def _response(self, endpoint: Endpoint, body: dict[str, Any], text: str, tokens: int) -> dict[str, Any]:
         return {

@@ -103,8 +103,8 @@ def test_non_boolean_stream_is_400(two_models):
     assert error["param"] == "stream"
 
 
-class BrokenBackend:
-    """A backend whose transport fails, as a dead replica does."""
+class BrokenServer:
+    """A server object whose transport fails, as a dead replica does."""
 
     async def generate(self, endpoint, body):
         raise ConnectionError("replica died")
@@ -118,7 +118,7 @@ class BrokenBackend:
 
 
 def test_backend_failure_is_500_naming_the_request_and_ends_streams_cleanly():
-    app = build_http_app(ModelRouter({"broken": BrokenBackend()}))
+    app = build_http_app(ModelRouter({"broken": LocalBackend(BrokenServer())}))
     whole = call(app, "POST", "/v1/completions", json={"prompt": "x"}, headers={"x-request-id": "r-1"})
     assert "r-1" in assert_envelope(whole, 500, "engine_error")["message"]
     streamed = call(app, "POST", "/v1/completions", json={"prompt": "x", "stream": True}, headers={"x-request-id": "r-2"})

@@ -1,0 +1,90 @@
+"""From what a server produced to the HTTP response a client gets.
+
+A request that reached a backend is an ``ApiRequest``: its parsed body, the
+bytes it came as, its id and whether it streams. A server answers with bytes,
+SSE text or an ``LLMServeError``; the helpers here turn those into Starlette
+responses, with the OpenAI error envelope for every failure and one error
+event plus ``[DONE]`` for a failure after a stream started.
+
+Example::
+
+    return streamed_response(guarded(events, request.request_id), request.request_id)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional
+
+from starlette.responses import Response, StreamingResponse
+
+from llmserve.engine import Endpoint
+from llmserve.errors import EngineError, LLMServeError, ServiceUnavailableError
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    """One OpenAI API call, parsed once at the front door."""
+
+    endpoint: Endpoint
+    body: dict[str, Any]
+    raw_body: bytes
+    request_id: str
+    stream: bool
+
+
+def error_response(error: LLMServeError, request_id: Optional[str] = None) -> Response:
+    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+    return Response(error.to_json_bytes(), status_code=error.status_code, media_type="application/json", headers=headers)
+
+
+def backend_failure(exc: Exception, request_id: str) -> LLMServeError:
+    """What the client hears when the replica or the transport to it failed (not the engine)."""
+    if type(exc).__name__ == "BackPressureError":  # Serve's queue for the model is full
+        return ServiceUnavailableError(f"The model is overloaded; retry request {request_id} later.")
+    logger.error("request %s failed between the ingress and the model replica: %r", request_id, exc)
+    return EngineError(f"The server failed to serve request {request_id}; see the server log for details.")
+
+
+async def guarded(events: AsyncIterator[Any], request_id: str) -> AsyncIterator[Any]:
+    """The backend's events; a failure of the transport itself becomes one last error item."""
+    started = False
+    try:
+        async for event in events:
+            started = True
+            yield event
+    except Exception as exc:
+        error = backend_failure(exc, request_id)
+        yield error.to_sse_event() + SSE_DONE if started else error
+    finally:
+        await events.aclose()
+
+
+async def streamed_response(events: AsyncIterator[Any], request_id: str) -> Response:
+    """A 200 SSE stream, or a plain HTTP error when the first item already is one.
+
+    The first event decides the status: an error before any token is a plain
+    HTTP error, not a 200 stream that carries one.
+    """
+    headers = {REQUEST_ID_HEADER: request_id}
+    first = await anext(events, None)
+    if isinstance(first, LLMServeError):
+        await events.aclose()
+        return error_response(first, request_id)
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            if first is not None:
+                yield first
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
