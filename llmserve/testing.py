@@ -75,6 +75,9 @@ class FakeEngine:
         if not self.started:
             raise RuntimeError("not started")
 
+    async def stats(self) -> dict[str, int]:
+        return {"requests_in_engine": self.open_streams}
+
     def shutdown(self) -> None:
         self.started = False
 

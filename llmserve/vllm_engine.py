@@ -170,6 +170,12 @@ class VLLMEngine:
             raise EngineError("the engine has not started")
         await self._engine_client.check_health()
 
+    async def stats(self) -> dict[str, int]:
+        # The output processor drops a request when it finishes or is aborted,
+        # at the same time as the engine core is told to.
+        held = self._engine_client.output_processor.get_num_unfinished_requests() if self._engine_client else 0
+        return {"requests_in_engine": held}
+
     def shutdown(self) -> None:
         if self._engine_client is not None:
             self._engine_client.shutdown()

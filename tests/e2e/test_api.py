@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import openai
 import pytest
@@ -146,3 +147,25 @@ def test_errors_use_the_openai_envelope_and_the_app_survives(client, base_url):
         assert error["code"] == "context_length_exceeded"
 
     assert greedy_chat(client, "tiny-a").choices[0].message.content is not None
+
+
+def _requests_in_engine(model_id: str) -> int:
+    handle = serve.get_deployment_handle(f"LLMServer:{model_id}", app_name="main")
+    return handle.engine_stats.remote().result()["requests_in_engine"]
+
+
+def test_client_disconnect_mid_stream_aborts_the_engine_request(base_url):
+    body = {"model": "tiny-a", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+    started = time.monotonic()
+    whole = requests.post(base_url + "/v1/completions", json=body, timeout=120)
+    full_generation_s = time.monotonic() - started
+    assert whole.json()["usage"]["completion_tokens"] == 400
+
+    with requests.post(base_url + "/v1/completions", json={**body, "stream": True}, stream=True, timeout=120) as response:
+        first = next(line for line in response.iter_lines() if line.startswith(b"data: "))
+        assert json.loads(first[len(b"data: "):])["choices"]
+        assert _requests_in_engine("tiny-a") == 1
+    left_at = time.monotonic()
+    while _requests_in_engine("tiny-a") != 0:
+        assert time.monotonic() - left_at < full_generation_s / 2, "the engine kept generating for a client that left"
+        time.sleep(0.02)

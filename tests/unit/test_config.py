@@ -32,6 +32,30 @@ def test_unknown_engine_kwarg_fails_at_config_time():
         config(engine_kwargs={"max_model_length": 10})
 
 
+def test_engine_kwargs_are_checked_from_a_per_version_cache_without_importing_vllm(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from llmserve.engine import _installed_vllm_version
+
+    cache = tmp_path / "llmserve" / f"vllm-{_installed_vllm_version()}-engine-kwargs.json"
+    cache.parent.mkdir()
+    cache.write_text(json.dumps(["max_model_len"]))
+    script = (
+        "import sys\n"
+        "from llmserve import LLMConfig\n"
+        "LLMConfig(model_loading_config={'model_id': 'm'}, engine_kwargs={'max_model_len': 8})\n"
+        "try:\n"
+        "    LLMConfig(model_loading_config={'model_id': 'm'}, engine_kwargs={'enforce_eager': True})\n"
+        "except ValueError as exc:\n"
+        "    print('rejected' if 'enforce_eager' in str(exc) else 'wrong error')\n"
+        "print('vllm imported' if 'vllm' in sys.modules else 'vllm not imported')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**__import__("os").environ, "XDG_CACHE_HOME": str(tmp_path)})
+    assert result.stdout.split() == ["rejected", "vllm", "not", "imported"], result.stderr
+
+
 def test_engine_and_frontend_kwargs_are_accepted():
     accepted = config(engine_kwargs={"max_model_len": 128, "enforce_eager": True, "chat_template": None})
     assert accepted.engine_kwargs["max_model_len"] == 128

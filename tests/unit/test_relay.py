@@ -5,9 +5,11 @@ import json
 from types import SimpleNamespace
 
 import httpx
+import pytest
 
 from llmserve import LLMConfig, LLMServer
 from llmserve.ingress import build_http_app
+from llmserve import relay as relay_module
 from llmserve.relay import ReplicaDataPlane, ReplicaRelay
 from llmserve.routing import ModelRouter
 from llmserve.testing import FakeEngine
@@ -65,6 +67,11 @@ async def relayed_app(model_id="alpha"):
 RELAYS = []
 
 
+@pytest.fixture(autouse=True)
+def quick_spare_expiry(monkeypatch):
+    monkeypatch.setattr(relay_module, "SPARE_LEASE_IDLE_S", 0.3)
+
+
 async def close_relays():
     while RELAYS:
         await RELAYS.pop().aclose()
@@ -97,8 +104,11 @@ def test_whole_and_streamed_answers_cross_the_relay_and_leases_end():
         events = [line[len("data: "):] for line in streamed.text.split("\n\n") if line]
         assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-1]] == ["one", "two", "three"]
         assert events[-1] == "[DONE]"
+        # Only the spare lease opened for the next request is left, and it is
+        # given back once no request comes.
+        assert await settle(lambda: len(server._data_plane._leases) <= 1, timeout=0.25)
         assert await settle(lambda: not server._data_plane._leases), "a lease outlived its request"
-        assert not any(lease.cancelled for lease in handle.leases)
+        assert handle.leases[-1].cancelled, "the last spare lease was not given back"
         await close_relays()
 
     asyncio.run(go())
@@ -149,7 +159,7 @@ def test_unreachable_replica_is_a_500_naming_the_request_and_cancels_the_lease()
         async with client(app) as http:
             response = await http.post("/v1/completions", json={"prompt": "x"}, headers={"x-request-id": "gone-1"})
         assert response.status_code == 500 and "gone-1" in response.json()["error"]["message"]
-        assert handle.leases[0].cancelled
+        assert any(lease.cancelled for lease in handle.leases)
         await close_relays()
 
     asyncio.run(go())
