@@ -124,7 +124,7 @@ def _connect_ray(start: bool, dashboard: bool) -> None:
         include_dashboard=dashboard,
         # Serve's replicas are actors with their own processes: idle task
         # workers started "just in case" only take CPU from loading models.
-        _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
+        _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False, "worker_niceness": 0},
     )
 
 
@@ -137,6 +137,10 @@ def _configure_local_serve(proxy: str) -> None:
     # An ingress replica stays reachable this long after it is told to stop,
     # for load balancers outside the node; ours is HAProxy on the same node.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+    # Serve's documented throughput mode: a replica runs user code on the
+    # event loop that serves its HTTP, instead of handing every streamed
+    # chunk between two threads (measured: the largest cost in the ingress).
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 
 
 def run(args: argparse.Namespace) -> int:

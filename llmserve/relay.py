@@ -1,19 +1,20 @@
 """The byte path from the ingress to a model replica: no Ray object per token.
 
-Serve still decides *which* replica serves a request: the ingress opens a
-lease, a streaming Serve call (``LLMServer.reserve``) that Serve routes,
-counts against ``max_ongoing_requests`` and reports to the autoscaler like
-any other call. The lease's only item is the URL of the chosen replica's own
-HTTP server; the ingress then sends the request body there and relays the
-response bytes to its client as they arrive. The lease ends when that HTTP
-request does. Per request this is one small Ray call, made ahead of time (a
-spare lease waits for the next request) so it adds nothing to time to first
-token; per token it is a socket read and a socket write, where a Ray object
-per chunk cost the engine a large share of a small machine's CPU (see
-docs/data-path.md).
+Every replica of an ``LLMServer`` runs its own HTTP server with the OpenAI API
+for its model (``ReplicaDataPlane``). The ingress sends each request's bytes
+to one of them and relays the answer's bytes to its client as they arrive:
+per token that is a socket write in the replica and a read and a write in the
+ingress, where a Ray object per chunk cost the engine a large share of a
+small machine's CPU (see docs/data-path.md).
 
-Both ends live here: ``ReplicaRelay`` is the ingress's backend for one
-model, ``ReplicaDataPlane`` the replica's HTTP server and its leases.
+Serve stays the control plane. Every request holds a *lease* while it runs: a
+streaming Serve call (``LLMServer.reserve``) that Serve counts against
+``max_ongoing_requests`` and reports to the autoscaler like any other call,
+and whose one item names the replica it landed on, which is how the ingress
+learns the replicas Serve starts. The lease is opened alongside the request,
+not before it: under load a Ray call takes tens of milliseconds, and waiting
+for it would add them to every time to first token. The ingress places the
+request itself, on the replica it has the fewest requests in flight on.
 
 Example::
 
@@ -26,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
-import uuid
+import weakref
 from typing import Any, AsyncIterator, Optional
 
 from starlette.responses import Response, StreamingResponse
@@ -36,14 +38,10 @@ from llmserve.responses import REQUEST_ID_HEADER, SSE_DONE, ApiRequest, backend_
 
 logger = logging.getLogger(__name__)
 
-LEASE_HEADER = "x-llmserve-lease"
 ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
-# A spare lease is given back by the ingress after SPARE_LEASE_IDLE_S; one
-# whose HTTP request never arrives (the ingress died) is given up by the
-# replica after LEASE_CLAIM_TIMEOUT_S, so it neither counts as load forever
-# nor holds up the replica's graceful shutdown.
-SPARE_LEASE_IDLE_S = 2.0
-LEASE_CLAIM_TIMEOUT_S = 5.0
+# A lease ends when the ingress cancels it at the end of its request; this
+# bounds one whose ingress died without doing so.
+MAX_LEASE_S = 3600.0
 # The replica keeps idle connections open longer than the ingress reuses
 # them, so the ingress never sends on a connection the replica is closing.
 REPLICA_KEEP_ALIVE_S = 75
@@ -51,32 +49,26 @@ INGRESS_KEEP_ALIVE_S = 15
 
 
 class ReplicaRelay:
-    """The ingress's backend for one model: lease a replica through Serve, relay its bytes."""
+    """The ingress's backend for one model: place a request on a replica, relay its bytes."""
 
     def __init__(self, handle: Any):
         self._handle = handle
         self._lease_handle = handle.options(stream=True)
         self._session: Any = None  # made on first use, inside the serving event loop
-        self._spare: Optional[asyncio.Task] = None
+        self._in_flight: dict[str, int] = {}  # replica URL -> this ingress's requests on it
 
     async def respond(self, request: ApiRequest) -> Response:
+        lease = self._lease_handle.reserve.remote()
+        known = self._least_busy_replica()
         try:
-            lease, replica_url, lease_id = await self._take_lease()
-        except Exception as exc:
-            return error_response(backend_failure(exc, request.request_id), request.request_id)
-        try:
-            upstream = await self._client().post(
-                replica_url + ENDPOINT_PATHS[request.endpoint],
-                data=request.raw_body,
-                headers={"content-type": "application/json", REQUEST_ID_HEADER: request.request_id, LEASE_HEADER: lease_id},
-            )
+            upstream, replica_url = await self._send(known or await self._learn_replica(lease), request)
         except Exception as exc:
             lease.cancel()
             return error_response(backend_failure(exc, request.request_id), request.request_id)
-        # The next request's lease is opened now that this one's first token
-        # is on its way: a Ray call made earlier competes with it for the CPU.
-        if self._spare is None:
-            self._open_spare()
+        if known:
+            _in_background(self._learn_replica(lease))  # it may name a replica we do not know yet
+        self._in_flight[replica_url] = self._in_flight.get(replica_url, 0) + 1
+        finished = _once(lambda: self._release(replica_url, lease))
         headers = {REQUEST_ID_HEADER: request.request_id}
         if upstream.content_type != "text/event-stream":
             try:
@@ -85,68 +77,65 @@ class ReplicaRelay:
                 return error_response(backend_failure(exc, request.request_id), request.request_id)
             finally:
                 upstream.release()
-                _finish_in_background(lease)
+                finished()
             return Response(body, status_code=upstream.status, media_type=upstream.content_type, headers=headers)
-        return StreamingResponse(
-            self._relayed(upstream, lease, request.request_id),
-            status_code=upstream.status,
-            media_type="text/event-stream",
-            headers=headers,
-        )
+        relayed = self._relayed(upstream, finished, request.request_id)
+        # A client gone before the body starts means the relay never runs its
+        # own clean-up; collecting it then still ends the lease.
+        weakref.finalize(relayed, finished)
+        return StreamingResponse(relayed, status_code=upstream.status, media_type="text/event-stream", headers=headers)
 
-    async def _take_lease(self) -> tuple[Any, str, str]:
-        """A lease for this request; the one opened ahead is usually ready, so no Ray call waits here."""
-        spare, self._spare = self._spare, None
-        if spare is not None:
-            try:
-                return await spare
-            except Exception:  # e.g. that replica went away since: ask Serve again
-                pass
-        return await self._open_lease()
+    def _release(self, replica_url: str, lease: Any) -> None:
+        if replica_url in self._in_flight:
+            self._in_flight[replica_url] -= 1
+        lease.cancel()
 
-    def _open_spare(self) -> None:
-        # The spare counts as one ongoing request on its replica until used,
-        # so it is dropped when no request comes for a while: an idle model
-        # shows no load to the autoscaler.
-        spare = self._spare = asyncio.ensure_future(self._open_lease())
-        asyncio.get_running_loop().call_later(SPARE_LEASE_IDLE_S, self._drop_spare, spare)
-
-    def _drop_spare(self, spare: asyncio.Task) -> None:
-        if self._spare is not spare:
-            return  # already taken by a request
-        self._spare = None
-        if not spare.done():
-            spare.cancel()
-        elif spare.exception() is None:
-            spare.result()[0].cancel()
-
-    async def _open_lease(self) -> tuple[Any, str, str]:
-        lease = self._lease_handle.reserve.remote(uuid.uuid4().hex)
+    async def _send(self, replica_url: str, request: ApiRequest) -> tuple[Any, str]:
+        headers = {"content-type": "application/json", REQUEST_ID_HEADER: request.request_id}
+        path = ENDPOINT_PATHS[request.endpoint]
         try:
-            replica_url, lease_id = await anext(lease)
-        except BaseException:
-            lease.cancel()
-            raise
-        return lease, replica_url, lease_id
+            return await self._client().post(replica_url + path, data=request.raw_body, headers=headers), replica_url
+        except OSError:
+            # That replica is gone (scaled down, restarted): forget it and let
+            # Serve name a live one. Nothing was answered yet, so retrying is safe.
+            self._in_flight.pop(replica_url, None)
+            retry_url = await self._learn_replica(self._lease_handle.reserve.remote(), discard_after=True)
+            return await self._client().post(retry_url + path, data=request.raw_body, headers=headers), retry_url
 
-    async def _relayed(self, upstream: Any, lease: Any, request_id: str) -> AsyncIterator[bytes]:
-        finished = False
+    def _least_busy_replica(self) -> Optional[str]:
+        if not self._in_flight:
+            return None
+        fewest = min(self._in_flight.values())
+        return random.choice([url for url, count in self._in_flight.items() if count == fewest])
+
+    async def _learn_replica(self, lease: Any, discard_after: bool = False) -> str:
+        """The replica a lease landed on, remembered for placing later requests."""
+        try:
+            replica_url = await anext(lease)
+        finally:
+            if discard_after:
+                lease.cancel()
+        self._in_flight.setdefault(replica_url, 0)
+        return replica_url
+
+    async def _relayed(self, upstream: Any, finished: Any, request_id: str) -> AsyncIterator[bytes]:
+        complete = False
         try:
             async for chunk in upstream.content.iter_any():
                 yield chunk
-            finished = True
+            complete = True
         except Exception as exc:  # the replica went away mid-stream; the client gets a clean end
-            finished = True
+            complete = True
             error = backend_failure(exc, request_id)
             yield (error.to_sse_event() + SSE_DONE).encode()
         finally:
-            # An unfinished relay means our client left: closing the connection
+            # An incomplete relay means our client left: closing the connection
             # is what tells the replica (and so the engine) to stop.
-            if finished:
+            if complete:
                 upstream.release()
             else:
                 upstream.close()
-            _finish_in_background(lease)
+            finished()
 
     def _client(self) -> Any:
         if self._session is None:
@@ -167,37 +156,40 @@ class ReplicaRelay:
             await self._session.close()
 
 
-_lease_endings: set[asyncio.Task] = set()
+def _once(action: Any) -> Any:
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            action()
+
+    return run
 
 
-def _finish_in_background(lease: Any) -> None:
-    """Read the lease to its end (the replica closes it when the HTTP request ends)."""
+_background: set[asyncio.Task] = set()
 
-    async def finish() -> None:
+
+def _in_background(work: Any) -> None:
+    async def quietly() -> None:
         with contextlib.suppress(Exception, asyncio.CancelledError):
-            async for _ in lease:
-                pass
+            await work
 
-    task = asyncio.create_task(finish())
-    _lease_endings.add(task)  # asyncio keeps only weak references to tasks
-    task.add_done_callback(_lease_endings.discard)
-
-
-class _Lease:
-    def __init__(self) -> None:
-        self.claimed = asyncio.Event()
-        self.done = asyncio.Event()
+    task = asyncio.ensure_future(quietly())
+    _background.add(task)  # asyncio keeps only weak references to tasks
+    task.add_done_callback(_background.discard)
 
 
 class ReplicaDataPlane:
-    """A replica's own HTTP server (uvicorn, on a free port of its node) and the leases on it."""
+    """A replica's own HTTP server (uvicorn, on a free port of its node)."""
 
     def __init__(self, app: Any):
         self._app = app
-        self._leases: dict[str, _Lease] = {}
         self._url: Optional[str] = None
         self._server: Any = None
         self._starting = asyncio.Lock()
+        self.leases_held = 0
 
     async def url(self) -> str:
         """The server's base URL, starting it on first use."""
@@ -206,33 +198,15 @@ class ReplicaDataPlane:
                 self._url = await self._start()
         return self._url
 
-    async def hold(self, lease_id: str) -> AsyncIterator[tuple[str, str]]:
-        """Yield (URL, lease id) once, then wait for that lease's HTTP request to end."""
+    async def hold(self) -> AsyncIterator[str]:
+        """Yield this server's URL once, then stay open until the caller cancels."""
         url = await self.url()
-        lease = self._leases[lease_id] = _Lease()
+        self.leases_held += 1
         try:
-            yield url, lease_id
-            try:
-                await asyncio.wait_for(lease.claimed.wait(), LEASE_CLAIM_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                logger.warning("lease %s was never used; releasing it", lease_id)
-                return
-            await lease.done.wait()
+            yield url
+            await asyncio.sleep(MAX_LEASE_S)
         finally:
-            self._leases.pop(lease_id, None)
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        lease = None
-        if scope["type"] == "http":
-            lease_id = dict(scope["headers"]).get(LEASE_HEADER.encode(), b"").decode()
-            lease = self._leases.get(lease_id)
-        if lease is not None:
-            lease.claimed.set()
-        try:
-            await self._app(scope, receive, send)
-        finally:
-            if lease is not None:
-                lease.done.set()
+            self.leases_held -= 1
 
     async def _start(self) -> str:
         import uvicorn
@@ -242,7 +216,7 @@ class ReplicaDataPlane:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, 0))
         config = uvicorn.Config(
-            self,
+            self._app,
             lifespan="off",
             access_log=False,
             log_config=None,

@@ -1,8 +1,9 @@
 """``LLMServer``: the Ray Serve deployment that owns one engine per replica.
 
-The ingress leases a replica through a deployment handle (``reserve``) and
-sends the request to the replica's own HTTP server (``relay.py``), which
-answers with the same OpenAI API for this one model. ``generate`` and
+The ingress sends each request to a replica's own HTTP server (``relay.py``),
+which answers with the same OpenAI API for this one model, and holds a lease
+(``reserve``) through the deployment handle while it runs, so Serve sees
+the load. ``generate`` and
 ``generate_stream`` are the in-process form of the same calls: every answer is
 a value (bytes, SSE text, or an ``LLMServeError``), so no exception (and no
 traceback) reaches a client. The engine class is a constructor argument, so
@@ -76,10 +77,10 @@ class LLMServer:
     async def model_cards(self) -> list[dict[str, Any]]:
         return await self._engine.model_cards()
 
-    async def reserve(self, lease_id: str) -> AsyncIterator[tuple[str, str]]:
-        """A lease on this replica: its HTTP URL first, then open until that request ends."""
-        async for item in self._data_plane.hold(lease_id):
-            yield item
+    async def reserve(self) -> AsyncIterator[str]:
+        """A lease: this replica's HTTP URL, then open (one ongoing request to Serve) until cancelled."""
+        async for url in self._data_plane.hold():
+            yield url
 
     async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> Union[bytes, LLMServeError]:
         """A whole (non-streaming) response body, or the error to send instead."""

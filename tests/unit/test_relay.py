@@ -5,11 +5,9 @@ import json
 from types import SimpleNamespace
 
 import httpx
-import pytest
 
 from llmserve import LLMConfig, LLMServer
 from llmserve.ingress import build_http_app
-from llmserve import relay as relay_module
 from llmserve.relay import ReplicaDataPlane, ReplicaRelay
 from llmserve.routing import ModelRouter
 from llmserve.testing import FakeEngine
@@ -43,8 +41,8 @@ class InProcessHandle:
     def options(self, **_):
         return self
 
-    def _reserve(self, lease_id):
-        self.leases.append(LeaseCall(self._server.reserve(lease_id)))
+    def _reserve(self):
+        self.leases.append(LeaseCall(self._server.reserve()))
         return self.leases[-1]
 
     @property
@@ -56,25 +54,23 @@ class InProcessHandle:
         return SimpleNamespace(remote=self._server.model_cards)
 
 
-async def relayed_app(model_id="alpha"):
-    server = await LLMServer.create(LLMConfig(model_loading_config={"model_id": model_id}), engine_cls=FakeEngine)
-    handle = InProcessHandle(server)
-    relay = ReplicaRelay(handle)
-    RELAYS.append(relay)
-    return server, handle, build_http_app(ModelRouter({model_id: relay}))
+class Relayed:
+    """An ingress app over one fake-engine replica, reached through the relay."""
 
+    async def __aenter__(self):
+        config = LLMConfig(model_loading_config={"model_id": "alpha"})
+        self.server = await LLMServer.create(config, engine_cls=FakeEngine)
+        self.handle = InProcessHandle(self.server)
+        self.relay = ReplicaRelay(self.handle)
+        self.app = build_http_app(ModelRouter({"alpha": self.relay}))
+        return self
 
-RELAYS = []
+    async def __aexit__(self, *_):
+        await self.relay.aclose()
+        self.server.__del__()
 
-
-@pytest.fixture(autouse=True)
-def quick_spare_expiry(monkeypatch):
-    monkeypatch.setattr(relay_module, "SPARE_LEASE_IDLE_S", 0.3)
-
-
-async def close_relays():
-    while RELAYS:
-        await RELAYS.pop().aclose()
+    def leases_held(self):
+        return self.server._data_plane.leases_held
 
 
 def client(app):
@@ -93,31 +89,43 @@ async def settle(condition, timeout=5.0):
     return condition()
 
 
-def test_whole_and_streamed_answers_cross_the_relay_and_leases_end():
+def test_whole_and_streamed_answers_cross_the_relay_and_each_holds_a_lease_until_done():
     async def go():
-        server, handle, app = await relayed_app()
-        async with client(app) as http:
+        async with Relayed() as relayed, client(relayed.app) as http:
             whole = await http.post("/v1/chat/completions", json=chat("one two"), headers={"x-request-id": "w-1"})
             streamed = await http.post("/v1/chat/completions", json=chat("one two three", stream=True))
-        assert whole.status_code == 200 and whole.headers["x-request-id"] == "w-1"
-        assert whole.json()["id"] == "w-1" and whole.json()["choices"][0]["message"]["content"] == "one two"
-        events = [line[len("data: "):] for line in streamed.text.split("\n\n") if line]
-        assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-1]] == ["one", "two", "three"]
-        assert events[-1] == "[DONE]"
-        # Only the spare lease opened for the next request is left, and it is
-        # given back once no request comes.
-        assert await settle(lambda: len(server._data_plane._leases) <= 1, timeout=0.25)
-        assert await settle(lambda: not server._data_plane._leases), "a lease outlived its request"
-        assert handle.leases[-1].cancelled, "the last spare lease was not given back"
-        await close_relays()
+            assert whole.status_code == 200 and whole.headers["x-request-id"] == "w-1"
+            assert whole.json()["id"] == "w-1" and whole.json()["choices"][0]["message"]["content"] == "one two"
+            events = [line[len("data: "):] for line in streamed.text.split("\n\n") if line]
+            assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-1]] == ["one", "two", "three"]
+            assert events[-1] == "[DONE]"
+            assert len(relayed.handle.leases) == 2 and all(lease.cancelled for lease in relayed.handle.leases)
+            assert await settle(lambda: relayed.leases_held() == 0), "a lease outlived its request"
+
+    asyncio.run(go())
+
+
+def test_a_lease_is_held_while_its_request_runs():
+    async def go():
+        async with Relayed() as relayed:
+            front_door = ReplicaDataPlane(relayed.app)
+            async with httpx.AsyncClient(base_url=await front_door.url()) as http:
+                body = {"prompt": "slow a b c d e f g h i j", "stream": True}
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    chunks = response.aiter_bytes()
+                    await anext(chunks)
+                    assert relayed.leases_held() == 1
+                    async for _ in chunks:
+                        pass
+            assert await settle(lambda: relayed.leases_held() == 0)
+            front_door.stop()
 
     asyncio.run(go())
 
 
 def test_replica_errors_keep_their_status_and_envelope():
     async def go():
-        _, _, app = await relayed_app()
-        async with client(app) as http:
+        async with Relayed() as relayed, client(relayed.app) as http:
             client_error = await http.post("/v1/chat/completions", json=chat("fail:client", stream=True))
             engine_error = await http.post("/v1/chat/completions", json=chat("fail:start"), headers={"x-request-id": "e-1"})
             mid_stream = await http.post("/v1/chat/completions", json=chat("ok fail:stream", stream=True))
@@ -126,40 +134,50 @@ def test_replica_errors_keep_their_status_and_envelope():
         events = [line for line in mid_stream.text.split("\n\n") if line]
         assert json.loads(events[1][len("data: "):])["error"]["code"] == "engine_error"
         assert events[-1] == "data: [DONE]"
-        await close_relays()
 
     asyncio.run(go())
 
 
 def test_client_leaving_mid_stream_stops_the_replica_stream():
     async def go():
-        server, _, app = await relayed_app()
-        # In-process ASGI transports buffer whole responses, so the ingress
-        # gets a real HTTP server here: a client can only leave over a socket.
-        front_door = ReplicaDataPlane(app)
-        words = " ".join(["slow"] + [f"w{i}" for i in range(200)])
-        async with httpx.AsyncClient(base_url=await front_door.url()) as http:
-            async with http.stream("POST", "/v1/completions", json={"prompt": words, "stream": True, "max_tokens": 500}) as response:
-                async for _ in response.aiter_bytes():
-                    break
-                assert server.engine.open_streams == 1
-        # 200 events at 20 ms would take 4 s; the stream must stop long before.
-        assert await settle(lambda: server.engine.open_streams == 0, timeout=1.0), "the replica kept generating"
-        assert await settle(lambda: not server._data_plane._leases)
-        front_door.stop()
-        await close_relays()
+        async with Relayed() as relayed:
+            # In-process ASGI transports buffer whole responses, so the ingress
+            # gets a real HTTP server here: a client can only leave over a socket.
+            front_door = ReplicaDataPlane(relayed.app)
+            words = " ".join(["slow"] + [f"w{i}" for i in range(200)])
+            async with httpx.AsyncClient(base_url=await front_door.url()) as http:
+                body = {"prompt": words, "stream": True, "max_tokens": 500}
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    async for _ in response.aiter_bytes():
+                        break
+                    assert relayed.server.engine.open_streams == 1
+            # 200 events at 20 ms would take 4 s; the stream must stop long before.
+            assert await settle(lambda: relayed.server.engine.open_streams == 0, timeout=1.0), "the replica kept generating"
+            assert await settle(lambda: relayed.leases_held() == 0)
+            front_door.stop()
 
     asyncio.run(go())
 
 
-def test_unreachable_replica_is_a_500_naming_the_request_and_cancels_the_lease():
+def test_a_replica_that_went_away_is_forgotten_and_serve_names_another():
     async def go():
-        server, handle, app = await relayed_app()
-        server._data_plane._url = "http://127.0.0.1:9"  # nothing listens on the discard port
-        async with client(app) as http:
+        async with Relayed() as relayed, client(relayed.app) as http:
+            assert (await http.post("/v1/completions", json={"prompt": "x"})).status_code == 200
+            live_url = await relayed.server._data_plane.url()
+            relayed.relay._in_flight = {"http://127.0.0.1:9": 0}  # nothing listens on the discard port
+            response = await http.post("/v1/completions", json={"prompt": "again"})
+            assert response.status_code == 200 and response.json()["choices"][0]["text"] == "again"
+            assert set(relayed.relay._in_flight) == {live_url}
+
+    asyncio.run(go())
+
+
+def test_no_reachable_replica_is_a_500_naming_the_request_and_ends_the_lease():
+    async def go():
+        async with Relayed() as relayed, client(relayed.app) as http:
+            relayed.server._data_plane._url = "http://127.0.0.1:9"
             response = await http.post("/v1/completions", json={"prompt": "x"}, headers={"x-request-id": "gone-1"})
-        assert response.status_code == 500 and "gone-1" in response.json()["error"]["message"]
-        assert any(lease.cancelled for lease in handle.leases)
-        await close_relays()
+            assert response.status_code == 500 and "gone-1" in response.json()["error"]["message"]
+            assert relayed.handle.leases[0].cancelled
 
     asyncio.run(go())
