@@ -86,6 +86,11 @@ class LoraConfig(_Strict):
         default=30.0, gt=0, description="Seconds one adapter download may take; null for no limit."
     )
     max_download_tries: PositiveInt = Field(default=3, description="Attempts per adapter download, with backoff.")
+    max_lora_rank: PositiveInt = Field(
+        default=16,
+        description="Largest adapter rank the engine makes room for (vLLM's max_lora_rank); "
+        "a request for an adapter of higher rank is refused with a 400 naming this setting.",
+    )
 
     @field_validator("dynamic_lora_loading_path")
     @classmethod

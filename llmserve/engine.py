@@ -50,6 +50,12 @@ class Engine(Protocol):
     async def check_health(self) -> None:
         """Raise if the engine can no longer serve."""
 
+    async def load_adapter(self, model_name: str, local_dir: str) -> None:
+        """Make LoRA adapter ``local_dir`` answer requests for ``model_name`` (``base:adapter``)."""
+
+    async def unload_adapter(self, model_name: str) -> None:
+        """Forget adapter ``model_name``; requests for it fail until it is loaded again."""
+
     async def stats(self) -> dict[str, int]:
         """Live counters; ``requests_in_engine`` is how many requests the engine holds now."""
 

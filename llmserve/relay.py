@@ -16,6 +16,10 @@ not before it: under load a Ray call takes tens of milliseconds, and waiting
 for it would add them to every time to first token. The ingress places the
 request itself, on the replica it has the fewest requests in flight on.
 
+Requests for a LoRA adapter (``base:adapter``) prefer a replica the ingress
+already sent that adapter to, unless it is much busier than the others; each
+response names its replica in the ``x-llmserve-replica`` header.
+
 Example::
 
     router = ModelRouter({"qwen": ReplicaRelay(handle)})      # in the ingress
@@ -46,6 +50,12 @@ MAX_LEASE_S = 3600.0
 # them, so the ingress never sends on a connection the replica is closing.
 REPLICA_KEEP_ALIVE_S = 75
 INGRESS_KEEP_ALIVE_S = 15
+# Which replica answered: every response carries its data-plane URL.
+REPLICA_HEADER = "x-llmserve-replica"
+# A replica that holds a request's adapter is preferred while it has at most
+# this many more requests in flight than the least busy one; past that, the
+# least busy replica loads the adapter too.
+ADAPTER_AFFINITY_SLACK = 8
 
 
 class ReplicaRelay:
@@ -56,10 +66,12 @@ class ReplicaRelay:
         self._lease_handle = handle.options(stream=True)
         self._session: Any = None  # made on first use, inside the serving event loop
         self._in_flight: dict[str, int] = {}  # replica URL -> this ingress's requests on it
+        self._holders: dict[str, dict[str, None]] = {}  # adapter -> replicas it was sent to
 
     async def respond(self, request: ApiRequest) -> Response:
         lease = self._lease_handle.reserve.remote()
-        known = self._least_busy_replica()
+        adapter = _adapter_of(request)
+        known = self._place(adapter)
         try:
             upstream, replica_url = await self._send(known or await self._learn_replica(lease), request)
         except Exception as exc:
@@ -68,8 +80,10 @@ class ReplicaRelay:
         if known:
             _in_background(self._learn_replica(lease))  # it may name a replica we do not know yet
         self._in_flight[replica_url] = self._in_flight.get(replica_url, 0) + 1
+        if adapter is not None:
+            self._holders.setdefault(adapter, {})[replica_url] = None
         finished = _once(lambda: self._release(replica_url, lease))
-        headers = {REQUEST_ID_HEADER: request.request_id}
+        headers = {REQUEST_ID_HEADER: request.request_id, REPLICA_HEADER: upstream.headers.get(REPLICA_HEADER, "")}
         if upstream.content_type != "text/event-stream":
             try:
                 body = await upstream.read()
@@ -102,10 +116,17 @@ class ReplicaRelay:
             retry_url = await self._learn_replica(self._lease_handle.reserve.remote(), discard_after=True)
             return await self._client().post(retry_url + path, data=request.raw_body, headers=headers), retry_url
 
-    def _least_busy_replica(self) -> Optional[str]:
+    def _place(self, adapter: Optional[str]) -> Optional[str]:
+        """The replica for a new request: one holding its adapter unless that one is much
+        busier than the rest, else the one with the fewest requests in flight."""
         if not self._in_flight:
             return None
         fewest = min(self._in_flight.values())
+        holders = [url for url in self._holders.get(adapter, ()) if url in self._in_flight] if adapter else []
+        if holders:
+            least_busy_holder = min(holders, key=self._in_flight.__getitem__)
+            if self._in_flight[least_busy_holder] <= fewest + ADAPTER_AFFINITY_SLACK:
+                return least_busy_holder
         return random.choice([url for url, count in self._in_flight.items() if count == fewest])
 
     async def _learn_replica(self, lease: Any, discard_after: bool = False) -> str:
@@ -154,6 +175,11 @@ class ReplicaRelay:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _adapter_of(request: ApiRequest) -> Optional[str]:
+    model = request.body.get("model")
+    return model.split(":", 1)[1] if isinstance(model, str) and ":" in model else None
 
 
 def _once(action: Any) -> Any:
@@ -208,6 +234,18 @@ class ReplicaDataPlane:
         finally:
             self.leases_held -= 1
 
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self._app(scope, receive, send)
+        replica = (self._url or "").encode()
+
+        async def send_naming_replica(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (REPLICA_HEADER.encode(), replica)]
+            await send(message)
+
+        await self._app(scope, receive, send_naming_replica)
+
     async def _start(self) -> str:
         import uvicorn
 
@@ -216,7 +254,7 @@ class ReplicaDataPlane:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, 0))
         config = uvicorn.Config(
-            self._app,
+            self,
             lifespan="off",
             access_log=False,
             log_config=None,

@@ -16,13 +16,15 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, AsyncIterator, Optional, Union
 
 from llmserve.coalesce import coalesced
 from llmserve.config import LLMConfig
 from llmserve.engine import Endpoint, Engine
-from llmserve.errors import EngineError, LLMServeError
+from llmserve.errors import EngineError, LLMServeError, ModelNotFoundError
+from llmserve.adapters import AdapterStore, LoadedAdapters
 from llmserve.relay import ReplicaDataPlane
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,15 @@ class LLMServer:
         self._active_streams = 0
         self._engine = (engine_cls or _default_engine_cls())(self._config)
         await self._engine.start()
+        self._adapters = self._adapter_set()
         self._data_plane = ReplicaDataPlane(self._own_http_app())
+
+    def _adapter_set(self) -> Optional[LoadedAdapters]:
+        lora = self._config.lora_config
+        if lora is None or not lora.dynamic_lora_loading_path:
+            return None
+        store = AdapterStore(lora)
+        return LoadedAdapters(self._config.model_id, store, self._engine, lora.max_num_adapters_per_replica, lora.max_lora_rank)
 
     def _own_http_app(self):
         from llmserve.ingress import build_http_app
@@ -75,7 +85,16 @@ class LLMServer:
         return self._config
 
     async def model_cards(self) -> list[dict[str, Any]]:
-        return await self._engine.model_cards()
+        """The base model's card and one per adapter under the LoRA path (``base:name``)."""
+        cards = await self._engine.model_cards()
+        if self._adapters is not None:
+            listed = {card["id"] for card in cards}
+            base = next((card for card in cards if card["id"] == self._config.model_id), {"object": "model"})
+            for name in await self._adapters.store.names():
+                model_name = f"{self._config.model_id}:{name}"
+                if model_name not in listed:
+                    cards.append({**base, "id": model_name, "root": name, "parent": self._config.model_id})
+        return cards
 
     async def reserve(self) -> AsyncIterator[str]:
         """A lease: this replica's HTTP URL, then open (one ongoing request to Serve) until cancelled."""
@@ -85,7 +104,8 @@ class LLMServer:
     async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> Union[bytes, LLMServeError]:
         """A whole (non-streaming) response body, or the error to send instead."""
         try:
-            output = await self._engine.generate(endpoint, body)
+            async with self._adapter_for(body):
+                output = await self._engine.generate(endpoint, body)
             if not isinstance(output, bytes):
                 raise TypeError(f"the engine streamed a request sent without stream: {body.get('stream')!r}")
             return output
@@ -94,22 +114,33 @@ class LLMServer:
 
     async def generate_stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[Union[str, LLMServeError]]:
         """SSE events; a failure before the first event is yielded as the error itself."""
-        try:
-            output = await self._engine.generate(endpoint, body)
-        except Exception as exc:
-            yield self._as_client_error(exc, body)
-            return
-        if isinstance(output, bytes):  # an engine that does not stream this endpoint
-            yield f"data: {output.decode()}\n\ndata: [DONE]\n\n"
-            return
-        self._active_streams += 1
-        try:
-            async for event in coalesced(output, self._coalescing_window):
-                yield event
-        except Exception as exc:
-            yield self._as_client_error(exc, body).to_sse_event() + "data: [DONE]\n\n"
-        finally:
-            self._active_streams -= 1
+        async with contextlib.AsyncExitStack() as adapter_held:
+            try:
+                await adapter_held.enter_async_context(self._adapter_for(body))
+                output = await self._engine.generate(endpoint, body)
+            except Exception as exc:
+                yield self._as_client_error(exc, body)
+                return
+            if isinstance(output, bytes):  # an engine that does not stream this endpoint
+                yield f"data: {output.decode()}\n\ndata: [DONE]\n\n"
+                return
+            self._active_streams += 1
+            try:
+                async for event in coalesced(output, self._coalescing_window):
+                    yield event
+            except Exception as exc:
+                yield self._as_client_error(exc, body).to_sse_event() + "data: [DONE]\n\n"
+            finally:
+                self._active_streams -= 1
+
+    def _adapter_for(self, body: dict[str, Any]) -> contextlib.AbstractAsyncContextManager:
+        """Holds the request's LoRA adapter loaded (``base:adapter``); nothing for the base model."""
+        model = body.get("model")
+        if not isinstance(model, str) or ":" not in model:
+            return contextlib.nullcontext()
+        if self._adapters is None:
+            raise ModelNotFoundError(f"The model `{model}` does not exist: {self._config.model_id} serves no adapters.", param="model")
+        return self._adapters.using(model.split(":", 1)[1])
 
     def _coalescing_window(self) -> float:
         # A lone stream waits for nothing; each concurrent stream adds a little
@@ -118,8 +149,11 @@ class LLMServer:
             return 0.0
         return min(MAX_COALESCING_WINDOW_S, self._active_streams * COALESCING_WINDOW_PER_STREAM_S)
 
-    async def engine_stats(self) -> dict[str, int]:
-        return await self._engine.stats()
+    async def engine_stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = dict(await self._engine.stats())
+        if self._adapters is not None:
+            stats.update(adapters_held=self._adapters.held, adapter_loads=self._adapters.loads, adapter_evictions=self._adapters.evictions)
+        return stats
 
     async def check_health(self) -> None:
         await self._engine.check_health()

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 
 from llmserve.config import LLMConfig
 from llmserve.engine import Endpoint, EngineOutput
-from llmserve.errors import BadRequestError
+from llmserve.errors import BadRequestError, ModelNotFoundError
 
 
 class FakeEngine:
@@ -30,11 +30,14 @@ class FakeEngine:
         self._model_id = config.model_id
         self.started = False
         self.open_streams = 0
+        self.adapters: dict[str, str] = {}  # "base:adapter" -> its folder
 
     async def start(self) -> None:
         self.started = True
 
     async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> EngineOutput:
+        if ":" in body.get("model", "") and body["model"] not in self.adapters:
+            raise ModelNotFoundError(f"The model `{body['model']}` does not exist.", param="model")
         words = _prompt_text(endpoint, body).split()[: int(body.get("max_tokens") or 16)]
         if "fail:start" in words:
             raise RuntimeError("fake engine failure before output")
@@ -74,6 +77,12 @@ class FakeEngine:
     async def check_health(self) -> None:
         if not self.started:
             raise RuntimeError("not started")
+
+    async def load_adapter(self, model_name: str, local_dir: str) -> None:
+        self.adapters[model_name] = local_dir
+
+    async def unload_adapter(self, model_name: str) -> None:
+        self.adapters.pop(model_name, None)
 
     async def stats(self) -> dict[str, int]:
         return {"requests_in_engine": self.open_streams}

@@ -59,6 +59,13 @@ def resolve_engine_kwargs(config: LLMConfig, model_path: str) -> dict[str, Any]:
         sizes_memory = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & kwargs.keys()
         if not sizes_memory and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             kwargs["kv_cache_memory_bytes"] = CPU_DEFAULT_KV_CACHE_BYTES
+    lora = config.lora_config
+    if lora is not None:
+        # The engine's LoRA slots follow the config, so users never match them by hand.
+        kwargs["enable_lora"] = True
+        kwargs.setdefault("max_loras", lora.max_num_adapters_per_replica)
+        kwargs.setdefault("max_cpu_loras", kwargs["max_loras"])
+        kwargs.setdefault("max_lora_rank", lora.max_lora_rank)
     tokenizer = config.model_loading_config.tokenizer_source
     if tokenizer and "tokenizer" not in kwargs:
         kwargs["tokenizer"] = tokenizer
@@ -160,6 +167,25 @@ class VLLMEngine:
                 raise error_for_status(result.status_code, result.body.decode(errors="replace"))
             return bytes(result.body)
         return result
+
+    async def load_adapter(self, model_name: str, local_dir: str) -> None:
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+        request = LoadLoRAAdapterRequest(lora_name=model_name, lora_path=local_dir)
+        result = await self._state.openai_serving_models.load_lora_adapter(request)
+        if isinstance(result, ErrorResponse):
+            raise BadRequestError(f"The LoRA adapter `{model_name}` cannot be loaded: {result.error.message}", param="model")
+
+    async def unload_adapter(self, model_name: str) -> None:
+        from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+        models = self._state.openai_serving_models
+        loaded = models.lora_requests.get(model_name)
+        if loaded is None:
+            return
+        await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=model_name))
+        await self._engine_client.remove_lora(loaded.lora_int_id)
 
     async def model_cards(self) -> list[dict[str, Any]]:
         models = await self._state.openai_serving_models.show_available_models()
