@@ -103,3 +103,31 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     cli_args = parser.parse_args()
     print(make_tiny_model(cli_args.path, seed=cli_args.seed))
+
+
+def make_tiny_adapter(base: str | Path, path: str | Path, *, seed: int, rank: int = 8) -> Path:
+    """Write a random LoRA adapter (a peft folder) for the tiny model at ``base``.
+
+    Its A and B weights are drawn wide, so the adapter visibly changes the
+    text; the seed makes it reproducible.
+    """
+    path = Path(path)
+    fingerprint = {"base": str(base), "seed": seed, "rank": rank, "version": 1}
+    marker = path / _FINGERPRINT_FILE
+    if marker.exists() and json.loads(marker.read_text()) == fingerprint:
+        return path
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapted = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, weight in adapted.named_parameters():
+            if "lora_" in name:
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
+    adapted.save_pretrained(str(path))
+    marker.write_text(json.dumps(fingerprint))
+    return path
