@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.llmserve-installed
 MODELS := models/tiny-llama-seed0 models/tiny-llama-seed1
 
-.PHONY: setup serve test unit bench clean
+.PHONY: setup serve test unit bench bench-lora clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ unit: setup
 
 bench: setup
 	$(PY) benchmarks/bench_serve.py
+
+# The data-path benchmark with requests spread over 4 LoRA adapters.
+bench-lora: setup
+	$(PY) benchmarks/bench_serve.py --lora 4 --concurrency 32
 
 clean:
 	rm -rf $(VENV) models

@@ -6,7 +6,10 @@ at each concurrency: 200 prompts from 32 up, 100 at 8, 50 at 1 (the latency
 case). The tables print both servers and llmserve's ratios to vLLM; a PNG
 plots mean TTFT and output throughput against concurrency for both.
 
-Usage: python benchmarks/bench_serve.py [--concurrency 1,8,32,64] [--num-prompts 200]
+With --lora N both servers load N tiny adapters and every request names one
+at random (`vllm serve --lora-modules` against llmserve's `base:adapter`).
+
+Usage: python benchmarks/bench_serve.py [--concurrency 1,8,32,64] [--num-prompts 200] [--lora 4]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ LLMSERVE = str(Path(sys.executable).parent / "llmserve")
 MODEL_ID = "tiny"
 ENGINE_KWARGS = {"max_model_len": 1024, "kv_cache_memory_bytes": 512 * 1024**2}
 PROMPTS_AT_LOW_CONCURRENCY = {1: 50, 8: 100}
+ADAPTER_RANK = 8
 METRICS = [
     ("output_throughput", "output tok/s"),
     ("mean_ttft_ms", "TTFT mean ms"),
@@ -39,21 +43,28 @@ METRICS = [
 ]
 
 
-def start_vllm(model: str, port: int, log) -> subprocess.Popen:
+def start_vllm(model: str, port: int, log, adapters: dict[str, Path]) -> subprocess.Popen:
     flags = ["--port", str(port), "--served-model-name", MODEL_ID]
+    if adapters:
+        flags += ["--enable-lora", "--max-lora-rank", str(ADAPTER_RANK), "--max-loras", str(len(adapters))]
+        flags += ["--lora-modules"] + [f"{name}={path}" for name, path in adapters.items()]
     for key, value in ENGINE_KWARGS.items():
         flags += [f"--{key.replace('_', '-')}", str(value)]
     return subprocess.Popen(VLLM_CLI + ["serve", model] + flags, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def start_llmserve(model: str, port: int, log, workdir: Path) -> subprocess.Popen:
+def start_llmserve(model: str, port: int, log, workdir: Path, adapters: dict[str, Path]) -> subprocess.Popen:
+    llm_config = {"model_loading_config": {"model_id": MODEL_ID, "model_source": model}, "engine_kwargs": ENGINE_KWARGS}
+    if adapters:
+        folder = str(next(iter(adapters.values())).parent)
+        llm_config["lora_config"] = {"dynamic_lora_loading_path": folder, "max_num_adapters_per_replica": len(adapters), "max_lora_rank": ADAPTER_RANK}
     config = {
         "applications": [
             {
                 "name": "bench",
                 "route_prefix": "/",
                 "import_path": "llmserve:build_openai_app",
-                "args": {"llm_configs": [{"model_loading_config": {"model_id": MODEL_ID, "model_source": model}, "engine_kwargs": ENGINE_KWARGS}]},
+                "args": {"llm_configs": [llm_config]},
             }
         ]
     }
@@ -88,7 +99,7 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def bench(model: str, port: int, concurrency: int, num_prompts: int, result: Path, log) -> dict:
+def bench(model: str, port: int, concurrency: int, num_prompts: int, result: Path, log, lora_names: list[str]) -> dict:
     command = VLLM_CLI + [
         "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
         "--model", MODEL_ID, "--tokenizer", model, "--dataset-name", "random",
@@ -97,11 +108,13 @@ def bench(model: str, port: int, concurrency: int, num_prompts: int, result: Pat
         "--metric-percentiles", "50,99", "--save-result", "--result-dir", str(result.parent),
         "--result-filename", result.name,
     ]  # fmt: skip
+    if lora_names:  # each request picks one adapter at random
+        command += ["--lora-modules", *lora_names]
     subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
     return json.loads(result.read_text())
 
 
-def measure(name, starter, model, port, args, workdir) -> dict[int, dict]:
+def measure(name, starter, model, port, args, workdir, lora_names=()) -> dict[int, dict]:
     """Results per concurrency, each with the server's start-to-ready seconds."""
     with open(workdir / f"{name}.log", "w") as log:
         began = time.monotonic()
@@ -111,11 +124,11 @@ def measure(name, starter, model, port, args, workdir) -> dict[int, dict]:
             ready_s = time.monotonic() - began
             print(f"{name}: ready in {ready_s:.1f}s", flush=True)
             # One small warm-up run so neither side pays first-request costs in the numbers.
-            bench(model, port, 8, 16, workdir / f"{name}-warm.json", log)
+            bench(model, port, 8, 16, workdir / f"{name}-warm.json", log, list(lora_names))
             results = {}
             for concurrency in args.concurrency:
                 prompts = PROMPTS_AT_LOW_CONCURRENCY.get(concurrency, args.num_prompts)
-                result = bench(model, port, concurrency, prompts, workdir / f"{name}-c{concurrency}.json", log)
+                result = bench(model, port, concurrency, prompts, workdir / f"{name}-c{concurrency}.json", log, list(lora_names))
                 results[concurrency] = {**result, "ready_s": ready_s, "num_prompts": prompts}
         finally:
             stop(process)
@@ -158,27 +171,35 @@ def main() -> int:
     parser.add_argument("--concurrency", type=lambda text: [int(part) for part in text.split(",")], default=[1, 8, 32, 64])
     parser.add_argument("--num-prompts", type=int, default=200)
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--lora", type=int, default=0, help="spread requests over this many tiny LoRA adapters, loaded in both servers")
     parser.add_argument("--only", choices=["vllm", "llmserve"], help="measure one server (exploration; no ratios)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
-    from llmserve.tiny_model import make_tiny_model
+    from llmserve.tiny_model import make_tiny_adapter, make_tiny_model
 
     model = str(make_tiny_model(REPO / "models" / "tiny-llama-seed0", seed=0))
+    adapters = {
+        f"lora{index}": make_tiny_adapter(model, REPO / "models" / "tiny-llama-seed0-adapters" / f"lora{index}", seed=100 + index, rank=ADAPTER_RANK)
+        for index in range(args.lora)
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=args.out))
     starters = {
-        "vllm": lambda log: start_vllm(model, args.port, log),
-        "llmserve": lambda log: start_llmserve(model, args.port, log, workdir),
+        "vllm": lambda log: start_vllm(model, args.port, log, adapters),
+        "llmserve": lambda log: start_llmserve(model, args.port, log, workdir, adapters),
     }
+    # The same adapters under each server's names: `vllm serve` knows them by
+    # name, llmserve as `base:name`.
+    names = {"vllm": list(adapters), "llmserve": [f"{MODEL_ID}:{name}" for name in adapters]}
     if args.only:
-        results = measure(args.only, starters[args.only], model, args.port, args, workdir)
+        results = measure(args.only, starters[args.only], model, args.port, args, workdir, names[args.only])
         for concurrency, result in results.items():
             print(f"{args.only} c={concurrency}: " + ", ".join(f"{label} {result[key]:.2f}" for key, label in METRICS))
         return 0
-    vllm = measure("vllm", starters["vllm"], model, args.port, args, workdir)
-    ours = measure("llmserve", starters["llmserve"], model, args.port, args, workdir)
+    vllm = measure("vllm", starters["vllm"], model, args.port, args, workdir, names["vllm"])
+    ours = measure("llmserve", starters["llmserve"], model, args.port, args, workdir, names["llmserve"])
     for concurrency in args.concurrency:
         print_table(concurrency, vllm[concurrency], ours[concurrency])
     (workdir / "summary.json").write_text(json.dumps({"vllm": vllm, "llmserve": ours}, indent=1, default=str))

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import os
+import subprocess
 from typing import Any
 
 import pydantic
@@ -107,6 +108,7 @@ class VLLMEngine:
             enable_log_requests=engine_args.enable_log_requests,
             disable_log_stats=engine_args.disable_log_stats,
         )
+        _end_with_this_process(_child_pids())
         supported_tasks = await self._engine_client.get_supported_tasks()
         args = argparse.Namespace(**(vars(frontend_args) | vars(engine_args)))
         await init_app_state(self._engine_client, self._state, args, supported_tasks)
@@ -226,3 +228,22 @@ def _bad_request_from(exc: pydantic.ValidationError) -> BadRequestError:
     param = ".".join(location) or None
     where = f" (field `{param}`)" if param else ""
     return BadRequestError(f"Invalid request{where}: {first['msg']}", param=param)
+
+
+def _child_pids() -> list[int]:
+    import psutil
+
+    return [child.pid for child in psutil.Process().children(recursive=True)]
+
+
+def _end_with_this_process(pids: list[int]) -> None:
+    """Kill the engine's processes when this replica process dies, however it dies.
+
+    vLLM's engine core outlives a parent killed with SIGKILL (an OOM kill, a
+    replica Serve gives up on, `ray stop --force`) and keeps its memory and a
+    core. A small shell loop watches this process and kills them then.
+    """
+    if not pids:
+        return
+    script = f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 2; done; kill -9 {' '.join(map(str, pids))} 2>/dev/null"
+    subprocess.Popen(["sh", "-c", script], start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
