@@ -85,7 +85,7 @@ class FakeEngine:
         self.adapters.pop(model_name, None)
 
     async def stats(self) -> dict[str, int]:
-        return {"requests_in_engine": self.open_streams}
+        return {"requests_in_engine": self.open_streams, "requests_aborted": 0}
 
     def shutdown(self) -> None:
         self.started = False

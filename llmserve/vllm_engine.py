@@ -86,6 +86,7 @@ class VLLMEngine:
 
     def __init__(self, config: LLMConfig):
         self._config = config
+        self._aborted = 0
         self._engine_client = None
         self._state = State()
         self._handlers: dict[str, tuple[pydantic.TypeAdapter, Any]] = {}
@@ -109,6 +110,7 @@ class VLLMEngine:
             disable_log_stats=engine_args.disable_log_stats,
         )
         _end_with_this_process(_child_pids())
+        self._count_aborts()
         supported_tasks = await self._engine_client.get_supported_tasks()
         args = argparse.Namespace(**(vars(frontend_args) | vars(engine_args)))
         await init_app_state(self._engine_client, self._state, args, supported_tasks)
@@ -198,11 +200,25 @@ class VLLMEngine:
             raise EngineError("the engine has not started")
         await self._engine_client.check_health()
 
+    def _count_aborts(self) -> None:
+        # vLLM aborts a request (in its output processor and engine core) when
+        # the generator serving it is closed early: a client that left. The
+        # count is how a test sees that a disconnect reached the engine.
+        client = self._engine_client
+        abort = client.abort
+
+        async def counting_abort(request_id, *args, **kwargs):
+            ids = [request_id] if isinstance(request_id, str) else list(request_id)
+            self._aborted += sum(1 for one in ids if one in client.output_processor.request_states)
+            return await abort(request_id, *args, **kwargs)
+
+        client.abort = counting_abort
+
     async def stats(self) -> dict[str, int]:
         # The output processor drops a request when it finishes or is aborted,
         # at the same time as the engine core is told to.
         held = self._engine_client.output_processor.get_num_unfinished_requests() if self._engine_client else 0
-        return {"requests_in_engine": held}
+        return {"requests_in_engine": held, "requests_aborted": self._aborted}
 
     def shutdown(self) -> None:
         if self._engine_client is not None:
