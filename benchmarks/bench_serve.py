@@ -1,15 +1,19 @@
 """llmserve against plain `vllm serve` on the same tiny model, in one run.
 
-Each server is started alone (the machine has few cores), timed until it
-answers, then driven by `vllm bench serve` (random 128 in / 128 out, ignore_eos)
-at each concurrency: 200 prompts from 32 up, 100 at 8, 50 at 1 (the latency
-case). The tables print both servers and llmserve's ratios to vLLM; a PNG
-plots mean TTFT and output throughput against concurrency for both.
+`vllm serve` is started first and timed until it answers, then llmserve
+(while vLLM idles). Both stay up and are driven by `vllm bench serve` (random
+128 in / 128 out, ignore_eos) in alternating rounds at each concurrency: 200
+prompts from 32 up, 100 at 8, 50 at 1 (the latency case). This machine's speed
+drifts by 2-10x within minutes (vllm serve alone measured 12 and 260 ms mean
+TTFT in back-to-back runs), so rounds alternate the order (vllm, llmserve,
+llmserve, vllm, ...) and the tables print each metric's median over rounds,
+llmserve's ratio to vLLM, and the per-round throughput ratios. A PNG plots
+mean TTFT and output throughput against concurrency for both.
 
 With --lora N both servers load N tiny adapters and every request names one
 at random (`vllm serve --lora-modules` against llmserve's `base:adapter`).
 
-Usage: python benchmarks/bench_serve.py [--concurrency 1,8,32,64] [--num-prompts 200] [--lora 4]
+Usage: python benchmarks/bench_serve.py [--concurrency 1,8,32,64] [--num-prompts 200] [--rounds 3] [--lora 4]
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,33 +119,64 @@ def bench(model: str, port: int, concurrency: int, num_prompts: int, result: Pat
     return json.loads(result.read_text())
 
 
-def measure(name, starter, model, port, args, workdir, lora_names=()) -> dict[int, dict]:
-    """Results per concurrency, each with the server's start-to-ready seconds."""
-    with open(workdir / f"{name}.log", "w") as log:
+class Server:
+    """One server under test, started and timed until it answers."""
+
+    def __init__(self, name: str, starter, port: int, workdir: Path):
+        self.name, self.port, self.workdir = name, port, workdir
+        self.log = open(workdir / f"{name}.log", "w")
         began = time.monotonic()
-        process = starter(log)
+        self.process = starter(self.log, port)
         try:
-            wait_ready(port, process)
-            ready_s = time.monotonic() - began
-            print(f"{name}: ready in {ready_s:.1f}s", flush=True)
-            # One small warm-up run so neither side pays first-request costs in the numbers.
-            bench(model, port, 8, 16, workdir / f"{name}-warm.json", log, list(lora_names))
-            results = {}
-            for concurrency in args.concurrency:
-                prompts = PROMPTS_AT_LOW_CONCURRENCY.get(concurrency, args.num_prompts)
-                result = bench(model, port, concurrency, prompts, workdir / f"{name}-c{concurrency}.json", log, list(lora_names))
-                results[concurrency] = {**result, "ready_s": ready_s, "num_prompts": prompts}
-        finally:
-            stop(process)
+            wait_ready(port, self.process)
+        except BaseException:
+            self.close()
+            raise
+        self.ready_s = time.monotonic() - began
+        print(f"{name}: ready in {self.ready_s:.1f}s", flush=True)
+
+    def bench(self, model: str, concurrency: int, prompts: int, tag: str, lora_names: list[str]) -> dict:
+        result = self.workdir / f"{self.name}-c{concurrency}-{tag}.json"
+        return bench(model, self.port, concurrency, prompts, result, self.log, lora_names)
+
+    def close(self) -> None:
+        stop(self.process)
+        self.log.close()
+
+
+def measure(servers: list[Server], model: str, args, names: dict[str, list[str]]) -> dict[str, dict[int, dict]]:
+    """Per server and concurrency: each metric's median over the rounds, and the rounds."""
+    for server in servers:  # neither side pays first-request costs in the numbers
+        server.bench(model, 8, 16, "warm", names[server.name])
+    results: dict[str, dict[int, dict]] = {server.name: {} for server in servers}
+    for concurrency in args.concurrency:
+        prompts = PROMPTS_AT_LOW_CONCURRENCY.get(concurrency, args.num_prompts)
+        rounds: dict[str, list[dict]] = {server.name: [] for server in servers}
+        for round_index in range(args.rounds):
+            order = servers if round_index % 2 == 0 else servers[::-1]
+            for server in order:
+                rounds[server.name].append(server.bench(model, concurrency, prompts, f"r{round_index}", names[server.name]))
+        for server in servers:
+            medians = {key: statistics.median(run[key] for run in rounds[server.name]) for key, _ in METRICS}
+            results[server.name][concurrency] = {
+                **medians,
+                "ready_s": server.ready_s,
+                "num_prompts": prompts,
+                "rounds": rounds[server.name],
+            }
+        print(f"concurrency {concurrency}: done", flush=True)
     return results
 
 
 def print_table(concurrency: int, vllm: dict, ours: dict) -> None:
-    print(f"\nrandom 128 in / 128 out, {ours['num_prompts']} prompts, concurrency {concurrency}, ignore_eos")
+    rounds = len(ours["rounds"])
+    print(f"\nrandom 128 in / 128 out, {ours['num_prompts']} prompts, concurrency {concurrency}, ignore_eos; median of {rounds} rounds")
     print(f"{'metric':<16}{'vllm serve':>14}{'llmserve':>14}{'ratio':>10}")
     for key, label in METRICS + [("ready_s", "ready s")]:
         ratio = ours[key] / vllm[key] if vllm[key] else float("nan")
         print(f"{label:<16}{vllm[key]:>14.2f}{ours[key]:>14.2f}{ratio:>9.2f}x")
+    per_round = [ours_run["output_throughput"] / vllm_run["output_throughput"] for ours_run, vllm_run in zip(ours["rounds"], vllm["rounds"])]
+    print("throughput ratio per round: " + ", ".join(f"{ratio:.2f}x" for ratio in per_round))
 
 
 def plot(vllm: dict[int, dict], ours: dict[int, dict], path: Path) -> None:
@@ -170,6 +206,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=lambda text: [int(part) for part in text.split(",")], default=[1, 8, 32, 64])
     parser.add_argument("--num-prompts", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per concurrency; medians are reported")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--lora", type=int, default=0, help="spread requests over this many tiny LoRA adapters, loaded in both servers")
     parser.add_argument("--only", choices=["vllm", "llmserve"], help="measure one server (exploration; no ratios)")
@@ -187,19 +224,25 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=args.out))
     starters = {
-        "vllm": lambda log: start_vllm(model, args.port, log, adapters),
-        "llmserve": lambda log: start_llmserve(model, args.port, log, workdir, adapters),
+        "vllm": lambda log, port: start_vllm(model, port, log, adapters),
+        "llmserve": lambda log, port: start_llmserve(model, port, log, workdir, adapters),
     }
     # The same adapters under each server's names: `vllm serve` knows them by
     # name, llmserve as `base:name`.
     names = {"vllm": list(adapters), "llmserve": [f"{MODEL_ID}:{name}" for name in adapters]}
+    servers: list[Server] = []
+    try:
+        for offset, name in enumerate([args.only] if args.only else ["vllm", "llmserve"]):
+            servers.append(Server(name, starters[name], args.port + offset, workdir))
+        results = measure(servers, model, args, names)
+    finally:
+        for server in servers:
+            server.close()
     if args.only:
-        results = measure(args.only, starters[args.only], model, args.port, args, workdir, names[args.only])
-        for concurrency, result in results.items():
+        for concurrency, result in results[args.only].items():
             print(f"{args.only} c={concurrency}: " + ", ".join(f"{label} {result[key]:.2f}" for key, label in METRICS))
         return 0
-    vllm = measure("vllm", starters["vllm"], model, args.port, args, workdir, names["vllm"])
-    ours = measure("llmserve", starters["llmserve"], model, args.port, args, workdir, names["llmserve"])
+    vllm, ours = results["vllm"], results["llmserve"]
     for concurrency in args.concurrency:
         print_table(concurrency, vllm[concurrency], ours[concurrency])
     (workdir / "summary.json").write_text(json.dumps({"vllm": vllm, "llmserve": ours}, indent=1, default=str))

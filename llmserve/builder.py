@@ -95,11 +95,18 @@ def build_openai_app(builder_config: Union[dict[str, Any], LLMServingArgs]):
     return build_openai_app_at(builder_config, base_dir=None)
 
 
-def build_openai_app_at(builder_config: Union[dict[str, Any], LLMServingArgs], *, base_dir: Optional[Path]):
-    """``build_openai_app`` with relative paths looked up in ``base_dir`` first (a config file's folder)."""
+def build_openai_app_at(
+    builder_config: Union[dict[str, Any], LLMServingArgs],
+    *,
+    base_dir: Optional[Path],
+    front_door: Optional[dict[str, Any]] = None,
+):
+    """``build_openai_app`` with relative paths looked up in ``base_dir`` first (a config file's
+    folder), and optionally with the ingress listening on ``front_door`` (host, port) itself."""
     args = LLMServingArgs.model_validate(builder_config)
     deployments = [
         LLMServer.as_deployment(config.get_serve_options(name_prefix=DEPLOYMENT_NAME_PREFIX)).bind(config)
         for config in args.load_configs(base_dir)
     ]
-    return OpenAiIngress.as_deployment(args.ingress_deployment_config).bind(deployments)
+    ingress = OpenAiIngress.as_deployment(args.ingress_deployment_config)
+    return ingress.bind(deployments, front_door=front_door) if front_door else ingress.bind(deployments)

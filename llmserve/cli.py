@@ -47,10 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--port", type=int, default=None, help="port to listen on (default: the config's, else 8000)")
     run_cmd.add_argument(
         "--proxy",
-        choices=["haproxy", "ray"],
-        default="haproxy",
-        help="HTTP front of a Ray this command starts: HAProxy straight to the ingress replicas "
-        "(faster, see docs/data-path.md) or Ray Serve's Python proxy; a joined cluster keeps its own",
+        choices=["llmserve", "haproxy", "ray"],
+        default="llmserve",
+        help="HTTP front of a Ray this command starts: the ingress listens itself and splices replica "
+        "answers (fastest, see docs/data-path.md; for one build_openai_app application, else haproxy), "
+        "Serve's HAProxy in front of the ingress, or Serve's Python proxy; a joined cluster keeps its own",
     )
     run_cmd.add_argument(
         "--dashboard",
@@ -72,8 +73,11 @@ def load_serve_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def build_applications(config: dict[str, Any], base_dir: Path) -> list[tuple[dict[str, Any], Any]]:
-    """Each application of a Serve config, built by its import_path."""
+def build_applications(
+    config: dict[str, Any], base_dir: Path, front_door: Optional[dict[str, Any]] = None
+) -> list[tuple[dict[str, Any], Any]]:
+    """Each application of a Serve config, built by its import_path (``build_openai_app``
+    ones with the ingress listening on ``front_door`` itself, when given)."""
     from ray._common.utils import import_attr
 
     from llmserve.builder import build_openai_app, build_openai_app_at
@@ -83,7 +87,7 @@ def build_applications(config: dict[str, Any], base_dir: Path) -> list[tuple[dic
         builder = import_attr(application.get("import_path", DEFAULT_BUILDER).replace(":", "."))
         args = application.get("args", {})
         if builder is build_openai_app:
-            app = build_openai_app_at(args, base_dir=base_dir)
+            app = build_openai_app_at(args, base_dir=base_dir, front_door=front_door)
         else:
             app = builder(args) if callable(builder) and not hasattr(builder, "bind") else builder
         built.append((application, app))
@@ -99,6 +103,16 @@ def _single_model_config(model: str, model_id: Optional[str]) -> dict[str, Any]:
         "args": {"llm_configs": [{"model_loading_config": {"model_id": model_id, "model_source": model}}]},
     }
     return {"applications": [application]}
+
+
+def _can_use_front_door(config: dict[str, Any]) -> bool:
+    """One application, built by build_openai_app at `/`: its ingress can own the port."""
+    applications = config["applications"]
+    return (
+        len(applications) == 1
+        and applications[0].get("import_path", DEFAULT_BUILDER) in (DEFAULT_BUILDER, "llmserve.build_openai_app")
+        and applications[0].get("route_prefix", "/") == "/"
+    )
 
 
 def _ray_is_running() -> bool:
@@ -128,12 +142,17 @@ def _connect_ray(start: bool, dashboard: bool) -> None:
     )
 
 
-def _configure_local_serve(proxy: str) -> None:
+def _configure_local_serve(serve_proxy: str) -> None:
     # Serve reads these at import, in every process of the cluster that
     # ray.init is about to start: set them before anything imports ray.serve.
     # HAProxy hands connections straight to the ingress replicas, saving one
     # Python hop (and its CPU) per streamed chunk.
-    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if proxy == "haproxy" else "0"
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if serve_proxy == "haproxy" else "0"
+    if serve_proxy == "none":
+        # The throughput mode below turns on Serve's direct ingress, which
+        # starts a proxy whatever proxy_location says; with our front door it
+        # would share the port (both bind with SO_REUSEPORT) and take half the traffic.
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"
     # An ingress replica stays reachable this long after it is told to stop,
     # for load balancers outside the node; ours is HAProxy on the same node.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
@@ -156,13 +175,17 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     _interrupt_on_signals()
     started_ray = not _ray_is_running()
+    # A cluster we join keeps its own proxy; one we start gets the fastest front that fits.
+    use_front_door = started_ray and args.proxy == "llmserve" and _can_use_front_door(config)
     if started_ray:
-        _configure_local_serve(args.proxy)
-    applications = build_applications(config, base_dir)  # config errors surface before Ray starts
+        _configure_local_serve("none" if use_front_door else "ray" if args.proxy == "ray" else "haproxy")
+    front_door = {"host": host, "port": port} if use_front_door else None
+    applications = build_applications(config, base_dir, front_door)  # config errors surface before Ray starts
     _connect_ray(start=started_ray, dashboard=args.dashboard)
     from ray import serve
 
-    serve.start(http_options={"host": host, "port": port})
+    # With the front door the ingress owns the port, and Serve runs no HTTP proxy.
+    serve.start(proxy_location="Disabled" if use_front_door else None, http_options={"host": host, "port": port})
     for application, app in applications:
         name = application.get("name", "default")
         print(f"llmserve: deploying application {name!r}", flush=True)

@@ -90,6 +90,12 @@ class MethodNotAllowedError(LLMServeError):
     default_code = "method_not_allowed"
 
 
+class PayloadTooLargeError(LLMServeError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
 class EngineError(LLMServeError):
     """The engine failed while serving a request; the message names the request id."""
 

@@ -36,8 +36,9 @@ from llmserve.errors import (
     ModelNotFoundError,
     NotFoundError,
 )
-from llmserve.responses import REQUEST_ID_HEADER, ApiRequest, error_response
-from llmserve.relay import ReplicaRelay
+from llmserve.front_door import FrontDoor, HttpRequest, Upstream
+from llmserve.relay import ENDPOINT_PATHS, ReplicaRelay, adapter_of, start_http_server
+from llmserve.responses import REQUEST_ID_HEADER, SSE_DONE, ApiRequest, backend_failure, error_response
 from llmserve.routing import ModelRouter
 
 logger = logging.getLogger(__name__)
@@ -146,14 +147,74 @@ def build_http_app(router: ModelRouter) -> Starlette:
     )
 
 
-class OpenAiIngress:
-    """The ingress deployment: one OpenAI endpoint in front of many ``LLMServer`` deployments."""
+_API_ENDPOINTS = {path.encode(): endpoint for endpoint, path in ENDPOINT_PATHS.items()}
 
-    async def __init__(self, llm_deployments: list[Any]):
+
+def front_door_route(router: ModelRouter, own_app: tuple[str, int]):
+    """Where the front door sends each request: API calls for a served model to a replica
+    of it, everything else (lists, health, errors) to the ingress's own app at ``own_app``."""
+
+    async def route(request: HttpRequest) -> Upstream:
+        endpoint = _API_ENDPOINTS.get(request.path.split(b"?", 1)[0]) if request.method == b"POST" else None
+        if endpoint is not None:
+            try:
+                body = _parse_json_object(request.body)
+                _, backend = router.resolve(body.get("model"))
+            except LLMServeError:
+                pass  # the ingress's own app answers it, in the OpenAI error format
+            else:
+                if isinstance(backend, ReplicaRelay):
+                    return await _to_replica(backend, request, body, may_retry=True)
+        return Upstream(*own_app)
+
+    return route
+
+
+async def _to_replica(relay: ReplicaRelay, request: HttpRequest, body: dict[str, Any], may_retry: bool) -> Upstream:
+    given_id = request.header(REQUEST_ID_HEADER.encode())
+    request_id = given_id.decode("latin-1") if given_id else _body_request_id(body) or uuid.uuid4().hex
+    replica_url, done = await relay.place(adapter_of(body))
+
+    async def elsewhere() -> Upstream:
+        relay.forget(replica_url)
+        return await _to_replica(relay, request, body, may_retry=False)
+
+    def last_words() -> bytes:  # the replica died mid-stream: end the client's stream cleanly
+        error = backend_failure(ConnectionError("the replica closed the stream"), request_id)
+        event = (error.to_sse_event() + SSE_DONE).encode()
+        return b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event)
+
+    host, port = replica_url.removeprefix("http://").rsplit(":", 1)
+    extra_headers = [] if given_id else [(REQUEST_ID_HEADER.encode(), request_id.encode())]
+    return Upstream(host, int(port), request_id, extra_headers, done, elsewhere if may_retry else None, last_words)
+
+
+async def open_front_door(router: ModelRouter, host: str, port: int) -> FrontDoor:
+    """A front door for ``router`` listening on host:port, with the ingress's own app
+    (on an internal port) behind it for everything that is not a replica's to answer."""
+    _, own_url = await start_http_server(build_http_app(router), "127.0.0.1")
+    own_host, own_port = own_url.removeprefix("http://").rsplit(":", 1)
+    door = FrontDoor(front_door_route(router, (own_host, int(own_port))))
+    await door.start(host, port)
+    return door
+
+
+class OpenAiIngress:
+    """The ingress deployment: one OpenAI endpoint in front of many ``LLMServer`` deployments.
+
+    With ``front_door={"host": ..., "port": ...}`` the replica also listens on
+    that address itself and splices replica answers to clients
+    (``front_door.py``); ``llmserve run`` uses it in place of Serve's proxy.
+    """
+
+    async def __init__(self, llm_deployments: list[Any], front_door: Optional[dict[str, Any]] = None):
         configs = await asyncio.gather(*(handle.llm_config.remote() for handle in llm_deployments))
         self._router = ModelRouter(
             {config.model_id: ReplicaRelay(handle) for config, handle in zip(configs, llm_deployments)}
         )
+        self._door: Optional[FrontDoor] = None
+        if front_door:
+            self._door = await open_front_door(self._router, front_door["host"], int(front_door["port"]))
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return build_http_app(self._router)

@@ -34,7 +34,7 @@ import logging
 import random
 import socket
 import weakref
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from starlette.responses import Response, StreamingResponse
 
@@ -68,21 +68,37 @@ class ReplicaRelay:
         self._in_flight: dict[str, int] = {}  # replica URL -> this ingress's requests on it
         self._holders: dict[str, dict[str, None]] = {}  # adapter -> replicas it was sent to
 
-    async def respond(self, request: ApiRequest) -> Response:
+    async def place(self, adapter: Optional[str]) -> tuple[str, Callable[[], None]]:
+        """A replica URL for one request and the callable that ends its lease (call it once done).
+
+        The request is placed at once when this ingress knows a replica;
+        only the first request waits for Serve to name one.
+        """
         lease = self._lease_handle.reserve.remote()
-        adapter = _adapter_of(request)
         known = self._place(adapter)
         try:
-            upstream, replica_url = await self._send(known or await self._learn_replica(lease), request)
-        except Exception as exc:
+            replica_url = known or await self._learn_replica(lease)
+        except BaseException:
             lease.cancel()
-            return error_response(backend_failure(exc, request.request_id), request.request_id)
+            raise
         if known:
             _in_background(self._learn_replica(lease))  # it may name a replica we do not know yet
         self._in_flight[replica_url] = self._in_flight.get(replica_url, 0) + 1
         if adapter is not None:
             self._holders.setdefault(adapter, {})[replica_url] = None
-        finished = _once(lambda: self._release(replica_url, lease))
+        return replica_url, _once(lambda: self._release(replica_url, lease))
+
+    def forget(self, replica_url: str) -> None:
+        """That replica refused a connection (scaled down, restarted): stop placing requests on it."""
+        self._in_flight.pop(replica_url, None)
+
+    async def respond(self, request: ApiRequest) -> Response:
+        """The replica's answer through aiohttp: the path behind Serve's own HTTP proxy."""
+        adapter = adapter_of(request.body)
+        try:
+            upstream, finished = await self._send(adapter, request)
+        except Exception as exc:
+            return error_response(backend_failure(exc, request.request_id), request.request_id)
         headers = {REQUEST_ID_HEADER: request.request_id, REPLICA_HEADER: upstream.headers.get(REPLICA_HEADER, "")}
         if upstream.content_type != "text/event-stream":
             try:
@@ -104,17 +120,20 @@ class ReplicaRelay:
             self._in_flight[replica_url] -= 1
         lease.cancel()
 
-    async def _send(self, replica_url: str, request: ApiRequest) -> tuple[Any, str]:
+    async def _send(self, adapter: Optional[str], request: ApiRequest) -> tuple[Any, Callable[[], None]]:
         headers = {"content-type": "application/json", REQUEST_ID_HEADER: request.request_id}
         path = ENDPOINT_PATHS[request.endpoint]
-        try:
-            return await self._client().post(replica_url + path, data=request.raw_body, headers=headers), replica_url
-        except OSError:
-            # That replica is gone (scaled down, restarted): forget it and let
-            # Serve name a live one. Nothing was answered yet, so retrying is safe.
-            self._in_flight.pop(replica_url, None)
-            retry_url = await self._learn_replica(self._lease_handle.reserve.remote(), discard_after=True)
-            return await self._client().post(retry_url + path, data=request.raw_body, headers=headers), retry_url
+        for attempt in range(2):
+            replica_url, finished = await self.place(adapter)
+            try:
+                return await self._client().post(replica_url + path, data=request.raw_body, headers=headers), finished
+            except OSError:
+                # Nothing was answered yet, so another replica can take it.
+                finished()
+                self.forget(replica_url)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def _place(self, adapter: Optional[str]) -> Optional[str]:
         """The replica for a new request: one holding its adapter unless that one is much
@@ -129,13 +148,9 @@ class ReplicaRelay:
                 return least_busy_holder
         return random.choice([url for url, count in self._in_flight.items() if count == fewest])
 
-    async def _learn_replica(self, lease: Any, discard_after: bool = False) -> str:
+    async def _learn_replica(self, lease: Any) -> str:
         """The replica a lease landed on, remembered for placing later requests."""
-        try:
-            replica_url = await anext(lease)
-        finally:
-            if discard_after:
-                lease.cancel()
+        replica_url = await anext(lease)
         self._in_flight.setdefault(replica_url, 0)
         return replica_url
 
@@ -177,8 +192,9 @@ class ReplicaRelay:
             await self._session.close()
 
 
-def _adapter_of(request: ApiRequest) -> Optional[str]:
-    model = request.body.get("model")
+def adapter_of(body: dict[str, Any]) -> Optional[str]:
+    """The adapter a request body names (`base:adapter`), if any."""
+    model = body.get("model")
     return model.split(":", 1)[1] if isinstance(model, str) and ":" in model else None
 
 
@@ -247,32 +263,7 @@ class ReplicaDataPlane:
         await self._app(scope, receive, send_naming_replica)
 
     async def _start(self) -> str:
-        import uvicorn
-
-        host = _node_ip()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, 0))
-        config = uvicorn.Config(
-            self,
-            lifespan="off",
-            access_log=False,
-            log_config=None,
-            log_level="warning",
-            timeout_keep_alive=REPLICA_KEEP_ALIVE_S,
-            backlog=4096,
-        )
-        server = uvicorn.Server(config)
-        # Signals belong to Ray's worker process, not to this server.
-        server.capture_signals = contextlib.nullcontext
-        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-        while not server.started:
-            if task.done():
-                task.result()  # raises why it could not start
-                raise RuntimeError("the replica's HTTP server stopped while starting")
-            await asyncio.sleep(0.01)
-        self._server = server
-        url = f"http://{host}:{sock.getsockname()[1]}"
+        self._server, url = await start_http_server(self, _node_ip())
         logger.info("replica data plane serving at %s", url)
         return url
 
@@ -290,3 +281,31 @@ def _node_ip() -> str:
     except Exception:  # outside Ray: this machine only
         pass
     return "127.0.0.1"
+
+
+async def start_http_server(app: Any, host: str) -> tuple[Any, str]:
+    """Serve an ASGI app with uvicorn on a free port of ``host``; the server and its URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        log_level="warning",
+        timeout_keep_alive=REPLICA_KEEP_ALIVE_S,
+        backlog=4096,
+    )
+    server = uvicorn.Server(config)
+    # Signals belong to Ray's worker process, not to this server.
+    server.capture_signals = contextlib.nullcontext
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()  # raises why it could not start
+            raise RuntimeError("the HTTP server stopped while starting")
+        await asyncio.sleep(0.01)
+    return server, f"http://{host}:{sock.getsockname()[1]}"

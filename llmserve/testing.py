@@ -8,6 +8,9 @@ make it fail on purpose: ``fail:start`` (before any output), ``fail:stream``
 streams being generated, so a test can see a stream stop when its client
 leaves.
 
+``InProcessHandle`` stands in for a Serve handle to such a server, so the
+ingress's relay and front door can be tested without Ray.
+
 Example::
 
     server = await LLMServer.create(config, engine_cls=FakeEngine)
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
 from llmserve.config import LLMConfig
@@ -89,6 +93,53 @@ class FakeEngine:
 
     def shutdown(self) -> None:
         self.started = False
+
+
+class LeaseCall:
+    """What ``handle.options(stream=True).reserve.remote()`` returns in Serve, over a local generator."""
+
+    def __init__(self, items):
+        self._items = items
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self._items.__anext__()
+
+    def cancel(self):
+        self.cancelled = True
+        asyncio.ensure_future(self._items.aclose())
+
+
+class InProcessHandle:
+    """A stand-in for an ``LLMServer`` deployment handle: the calls the ingress makes
+    (leases, model cards), answered by a server object in this process.
+
+    Example::
+
+        relay = ReplicaRelay(InProcessHandle(await LLMServer.create(config, engine_cls=FakeEngine)))
+    """
+
+    def __init__(self, server):
+        self._server = server
+        self.leases = []
+
+    def options(self, **_):
+        return self
+
+    def _reserve(self):
+        self.leases.append(LeaseCall(self._server.reserve()))
+        return self.leases[-1]
+
+    @property
+    def reserve(self):
+        return SimpleNamespace(remote=self._reserve)
+
+    @property
+    def model_cards(self):
+        return SimpleNamespace(remote=self._server.model_cards)
 
 
 def _prompt_text(endpoint: Endpoint, body: dict[str, Any]) -> str:

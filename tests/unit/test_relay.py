@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-from types import SimpleNamespace
 
 import httpx
 
@@ -10,48 +9,7 @@ from llmserve import LLMConfig, LLMServer
 from llmserve.ingress import build_http_app
 from llmserve.relay import ReplicaDataPlane, ReplicaRelay
 from llmserve.routing import ModelRouter
-from llmserve.testing import FakeEngine
-
-
-class LeaseCall:
-    """What ``handle.options(stream=True).reserve.remote()`` returns in Serve, over a local generator."""
-
-    def __init__(self, items):
-        self._items = items
-        self.cancelled = False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        return await self._items.__anext__()
-
-    def cancel(self):
-        self.cancelled = True
-        asyncio.ensure_future(self._items.aclose())
-
-
-class InProcessHandle:
-    """The two handle calls the relay makes, answered by a server object in this process."""
-
-    def __init__(self, server):
-        self._server = server
-        self.leases = []
-
-    def options(self, **_):
-        return self
-
-    def _reserve(self):
-        self.leases.append(LeaseCall(self._server.reserve()))
-        return self.leases[-1]
-
-    @property
-    def reserve(self):
-        return SimpleNamespace(remote=self._reserve)
-
-    @property
-    def model_cards(self):
-        return SimpleNamespace(remote=self._server.model_cards)
+from llmserve.testing import FakeEngine, InProcessHandle
 
 
 class Relayed:

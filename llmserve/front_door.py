@@ -1,0 +1,318 @@
+"""The ingress's own listener: read a request, pick its replica, splice the answer's bytes.
+
+On a small machine every byte a Python HTTP stack handles is CPU taken from
+the engine. Behind ``llmserve run`` the ingress replica therefore owns the
+public port itself: it parses each request once (head with httptools, body
+with ``json.loads`` for the `model` field, both in the route callback),
+asks where it goes, sends it there on a fresh connection and copies the
+response bytes to the client unparsed, only watching its framing to know
+where it ends. Per streamed chunk that is one read and one write. Serve's
+proxy, HAProxy and the ASGI layers are not on the byte path (measured in
+docs/data-path.md).
+
+What the route callback returns decides everything else: a model replica
+for API calls, the ingress's own ASGI app (on an internal port) for the
+rest — model lists, health, and every error the ingress answers itself.
+
+Example::
+
+    door = FrontDoor(route)           # route(HttpRequest) -> Upstream
+    await door.start("0.0.0.0", 8000)  # SO_REUSEPORT: many ingress replicas per node
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional
+
+import httptools
+
+from llmserve.errors import BadRequestError, LLMServeError, PayloadTooLargeError, ServiceUnavailableError
+
+logger = logging.getLogger(__name__)
+
+# Bodies past this are refused before they reach a replica (images as base64 fit).
+MAX_BODY_BYTES = 64 * 1024 * 1024
+# Hop-by-hop headers: they describe one connection, not the request.
+_HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"expect", b"host"}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_REASONS = {400: b"Bad Request", 413: b"Payload Too Large", 503: b"Service Unavailable"}
+
+
+@dataclass
+class HttpRequest:
+    method: bytes
+    path: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    keep_alive: bool
+
+    def header(self, name: bytes) -> Optional[bytes]:
+        return next((value for key, value in self.headers if key == name), None)
+
+
+@dataclass
+class Upstream:
+    """Where one request goes, and what to do when it is done or cannot get there."""
+
+    host: str
+    port: int
+    request_id: Optional[str] = None
+    extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    done: Callable[[], None] = lambda: None  # may be called more than once
+    # Called when the address refused the connection; returns another place or raises.
+    elsewhere: Optional[Callable[[], Awaitable["Upstream"]]] = None
+    # What to send the client if the upstream dies after the answer's head (SSE only).
+    last_words: Callable[[], bytes] = lambda: b""
+
+
+Route = Callable[[HttpRequest], Awaitable[Upstream]]
+
+
+class FrontDoor:
+    def __init__(self, route: Route):
+        self._route = route
+        self._server: Optional[asyncio.AbstractServer] = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _ClientConnection(self._route), host, port, reuse_port=True, backlog=4096
+        )
+        self.port = self._server.sockets[0].getsockname()[1]  # the one chosen, for port 0
+        logger.info("front door listening on %s:%s", host, self.port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
+class _ClientConnection(asyncio.Protocol):
+    """One client connection: requests in order, each spliced from its upstream."""
+
+    def __init__(self, route: Route):
+        self._route = route
+        self._transport: Any = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._pending: deque[HttpRequest] = deque()
+        self._reading: Optional[HttpRequest] = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._worker: Optional[asyncio.Task] = None
+        self._upstream: Optional[_UpstreamConnection] = None
+        self._closed = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: Any) -> None:
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._answer_and_close(BadRequestError("Protocol upgrades are not supported."))
+        except httptools.HttpParserError as exc:
+            self._answer_and_close(BadRequestError(f"Malformed HTTP request: {exc}"))
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._closed = True
+        if self._upstream is not None:
+            self._upstream.abandon()  # closing it is how the replica (and its engine) hears the client left
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()
+
+    def pause_writing(self) -> None:
+        if self._upstream is not None:
+            self._upstream.pause()
+
+    def resume_writing(self) -> None:
+        if self._upstream is not None:
+            self._upstream.resume()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._reading = HttpRequest(b"", b"", [], b"", True)
+        self._body, self._body_size = [], 0
+
+    def on_url(self, url: bytes) -> None:
+        self._reading.path += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._reading.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._reading.method = self._parser.get_method()
+        self._reading.keep_alive = self._parser.should_keep_alive()
+        if (self._reading.header(b"expect") or b"").lower() == b"100-continue":
+            self._transport.write(_CONTINUE)
+
+    def on_body(self, chunk: bytes) -> None:
+        self._body_size += len(chunk)
+        if self._body_size <= MAX_BODY_BYTES:
+            self._body.append(chunk)
+
+    def on_message_complete(self) -> None:
+        request, self._reading = self._reading, None
+        if self._body_size > MAX_BODY_BYTES:
+            self._answer_and_close(PayloadTooLargeError(f"The request body is larger than {MAX_BODY_BYTES} bytes."))
+            return
+        request.body = b"".join(self._body)
+        self._pending.append(request)
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._serve_pending())
+
+    async def _serve_pending(self) -> None:
+        while self._pending and not self._closed:
+            request = self._pending.popleft()
+            kept_alive = await self._serve(request)
+            if not kept_alive:
+                self._transport.close()
+                return
+
+    async def _serve(self, request: HttpRequest) -> bool:
+        """Splice one request's answer to the client; whether the connection stays open."""
+        upstream: Optional[Upstream] = None
+        try:
+            upstream = await self._route(request)
+            upstream, connection = await self._connect(upstream)
+        except Exception as exc:
+            if upstream is not None:
+                upstream.done()
+            self._answer_and_close(_failure(exc, upstream.request_id if upstream else None))
+            return False
+        self._upstream = connection
+        try:
+            connection.send(_upstream_request(request, upstream))
+            complete = await connection.finished
+        finally:
+            self._upstream = None
+            upstream.done()
+        if not complete and not self._closed:
+            tail = upstream.last_words() if connection.at_chunk_boundary and connection.streaming else b""
+            self._transport.write(tail)
+            return bool(tail) and request.keep_alive
+        return request.keep_alive
+
+    async def _connect(self, upstream: Upstream) -> tuple[Upstream, "_UpstreamConnection"]:
+        """A connection to ``upstream``, or to where it says to go instead; ``done`` runs for each refusal."""
+        loop = asyncio.get_running_loop()
+        try:
+            _, connection = await loop.create_connection(
+                lambda: _UpstreamConnection(self._transport, loop), upstream.host, upstream.port
+            )
+            return upstream, connection
+        except OSError:
+            upstream.done()
+            if upstream.elsewhere is None:
+                raise
+            # Nothing was sent yet, so another replica can take the request.
+            return await self._connect(await upstream.elsewhere())
+
+    def _answer_and_close(self, error: LLMServeError) -> None:
+        body = error.to_json_bytes()
+        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        self._transport.write(head % (error.status_code, _REASONS.get(error.status_code, b"Error"), len(body)) + body)
+        self._transport.close()
+        self._closed = True
+
+
+def _failure(exc: Exception, request_id: Optional[str]) -> LLMServeError:
+    if isinstance(exc, LLMServeError):
+        return exc
+    logger.error("request %s: the front door could not reach a replica: %r", request_id, exc)
+    return ServiceUnavailableError(f"No replica of the model could be reached for request {request_id}; retry later.")
+
+
+def _upstream_request(request: HttpRequest, upstream: Upstream) -> bytes:
+    headers = [(k, v) for k, v in request.headers if k not in _HOP_HEADERS] + upstream.extra_headers
+    lines = [b"%s %s HTTP/1.1" % (request.method, request.path), b"host: %s:%d" % (upstream.host.encode(), upstream.port)]
+    lines += [b"%s: %s" % pair for pair in headers]
+    # One connection per request: the end of the answer is the end of the connection,
+    # and a replica that went away is found out at connect, before anything was sent.
+    lines += [b"content-length: %d" % len(request.body), b"connection: close", b"", b""]
+    return b"\r\n".join(lines) + request.body
+
+
+class _UpstreamConnection(asyncio.Protocol):
+    """The connection to a replica: its answer goes to the client as it arrives."""
+
+    def __init__(self, client: Any, loop: asyncio.AbstractEventLoop):
+        self._client = client
+        self._transport: Any = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._head = bytearray()
+        self._head_sent = False
+        self.finished: asyncio.Future = loop.create_future()
+        self.streaming = False
+        self.at_chunk_boundary = True
+        self._complete = False
+
+    def connection_made(self, transport: Any) -> None:
+        self._transport = transport
+
+    def send(self, data: bytes) -> None:
+        self._transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._transport.abort()
+            return
+        if self._head_sent:
+            self._client.write(data)
+            return
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end >= 0:
+            self._head_sent = True
+            self._client.write(_client_head(bytes(self._head[: end + 4])) + bytes(self._head[end + 4 :]))
+            self._head = bytearray()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if not self.finished.done():
+            self.finished.set_result(self._complete)
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"content-type" and value.startswith(b"text/event-stream"):
+            self.streaming = True
+
+    def on_chunk_header(self) -> None:
+        self.at_chunk_boundary = False
+
+    def on_chunk_complete(self) -> None:
+        self.at_chunk_boundary = True
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+        self._transport.close()  # the replica closes it too; no need to wait
+        if not self.finished.done():
+            self.finished.set_result(True)
+
+    def pause(self) -> None:
+        with contextlib.suppress(Exception):
+            self._transport.pause_reading()
+
+    def resume(self) -> None:
+        with contextlib.suppress(Exception):
+            self._transport.resume_reading()
+
+    def abandon(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+        if not self.finished.done():
+            self.finished.set_result(False)
+
+
+def _client_head(head: bytes) -> bytes:
+    """The replica's response head without its `connection: close` (the client's connection stays)."""
+    # Serve's request-id middleware repeats a header the app already set: keep one.
+    lines = head[: -len(b"\r\n\r\n")].split(b"\r\n")
+    kept = dict.fromkeys(line for line in lines if not line.lower().startswith(b"connection:"))
+    return b"\r\n".join(kept) + b"\r\n\r\n"

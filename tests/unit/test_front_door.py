@@ -1,0 +1,198 @@
+"""The ingress's own listener over real sockets: fake engine replicas, no Ray."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from llmserve import LLMConfig, LLMServer
+from llmserve import front_door as front_door_module
+from llmserve.front_door import FrontDoor, Upstream
+from llmserve.ingress import open_front_door
+from llmserve.relay import ReplicaRelay
+from llmserve.routing import ModelRouter
+from llmserve.testing import FakeEngine, InProcessHandle
+
+
+class Door:
+    """A front door on a free port over one fake-engine replica, as an ingress replica runs it."""
+
+    async def __aenter__(self):
+        config = LLMConfig(model_loading_config={"model_id": "alpha"})
+        self.server = await LLMServer.create(config, engine_cls=FakeEngine)
+        self.handle = InProcessHandle(self.server)
+        self.relay = ReplicaRelay(self.handle)
+        self.door = await open_front_door(ModelRouter({"alpha": self.relay}), "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.door.port}"
+        return self
+
+    async def __aexit__(self, *_):
+        self.door.close()
+        self.server.__del__()
+
+    def leases_held(self):
+        return self.server._data_plane.leases_held
+
+
+async def settle(condition, timeout=5.0):
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return True
+        await asyncio.sleep(0.02)
+    return condition()
+
+
+def chat(content, **extra):
+    return {"model": "alpha", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def one_connection(url):
+    return httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+
+
+def test_answers_errors_and_lists_share_one_kept_alive_connection():
+    async def go():
+        async with Door() as door, one_connection(door.url) as http:
+            whole = await http.post("/v1/chat/completions", json=chat("one two"), headers={"x-request-id": "w-1"})
+            streamed = await http.post("/v1/completions", json={"model": "alpha", "prompt": "a b c", "stream": True})
+            unknown = await http.post("/v1/completions", json={"model": "beta", "prompt": "x"})
+            not_json = await http.post("/v1/completions", content=b"{oops")
+            models = await http.get("/v1/models")
+            assert whole.status_code == 200 and whole.json()["id"] == "w-1"
+            assert whole.headers["x-request-id"] == "w-1" and "connection" not in whole.headers
+            assert whole.headers["x-llmserve-replica"] == await door.server._data_plane.url()
+            events = [line[len("data: "):] for line in streamed.text.split("\n\n") if line]
+            assert [json.loads(event)["choices"][0]["text"] for event in events[:-1]] == ["a", "b", "c"]
+            assert events[-1] == "[DONE]"
+            assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+            assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
+            assert [card["id"] for card in models.json()["data"]] == ["alpha"]
+            # Only the two model calls took a lease, and both ended with their request.
+            assert len(door.handle.leases) == 2 and all(lease.cancelled for lease in door.handle.leases)
+            assert await settle(lambda: door.leases_held() == 0)
+
+    asyncio.run(go())
+
+
+def test_client_leaving_mid_stream_stops_the_replica_stream():
+    async def go():
+        async with Door() as door, httpx.AsyncClient(base_url=door.url) as http:
+            words = " ".join(["slow"] + [f"w{i}" for i in range(200)])
+            body = {"model": "alpha", "prompt": words, "stream": True, "max_tokens": 500}
+            async with http.stream("POST", "/v1/completions", json=body) as response:
+                async for _ in response.aiter_bytes():
+                    break
+                assert door.server.engine.open_streams == 1
+            # 200 events at 20 ms would take 4 s; the stream must stop long before.
+            assert await settle(lambda: door.server.engine.open_streams == 0, timeout=1.0), "the replica kept generating"
+            assert await settle(lambda: door.leases_held() == 0)
+
+    asyncio.run(go())
+
+
+def test_a_replica_that_went_away_is_forgotten_and_serve_names_another():
+    async def go():
+        async with Door() as door, httpx.AsyncClient(base_url=door.url) as http:
+            assert (await http.post("/v1/completions", json={"prompt": "x"})).status_code == 200
+            live_url = await door.server._data_plane.url()
+            door.relay._in_flight = {"http://127.0.0.1:9": 0}  # nothing listens on the discard port
+            response = await http.post("/v1/completions", json={"prompt": "again"})
+            assert response.status_code == 200 and response.json()["choices"][0]["text"] == "again"
+            assert set(door.relay._in_flight) == {live_url}
+
+    asyncio.run(go())
+
+
+def test_no_reachable_replica_is_a_503_naming_the_request_and_ends_every_lease():
+    async def go():
+        async with Door() as door, httpx.AsyncClient(base_url=door.url) as http:
+            door.server._data_plane._url = "http://127.0.0.1:9"
+            response = await http.post("/v1/completions", json={"prompt": "x"}, headers={"x-request-id": "gone-1"})
+            assert response.status_code == 503 and "gone-1" in response.json()["error"]["message"]
+            assert len(door.handle.leases) == 2 and all(lease.cancelled for lease in door.handle.leases)
+
+    asyncio.run(go())
+
+
+async def raw_exchange(port, data, read_until=b"\r\n\r\n"):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    answer = await asyncio.wait_for(reader.readuntil(read_until), 5)
+    return reader, writer, answer
+
+
+def test_malformed_and_oversized_requests_get_the_error_envelope(monkeypatch):
+    async def go():
+        monkeypatch.setattr(front_door_module, "MAX_BODY_BYTES", 10)
+        door = FrontDoor(lambda request: pytest.fail("routed a request it should have refused"))
+        await door.start("127.0.0.1", 0)
+        _, _, garbage = await raw_exchange(door.port, b"NOT HTTP AT ALL\r\n\r\n", read_until=b"}}")
+        body = b'{"prompt": "far too long"}'
+        head = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body)
+        _, _, too_big = await raw_exchange(door.port, head + body, read_until=b"}}")
+        door.close()
+        assert garbage.startswith(b"HTTP/1.1 400 ") and b'"invalid_request_error"' in garbage
+        assert too_big.startswith(b"HTTP/1.1 413 ") and b'"payload_too_large"' in too_big
+
+    asyncio.run(go())
+
+
+async def one_shot_upstream(answer: bytes):
+    """A replica stand-in that reads one request, writes ``answer`` and hangs up."""
+
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_a_replica_dying_mid_stream_ends_the_stream_with_one_error_event():
+    async def go():
+        event = b"data: {}\n\n"
+        cut_short = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        server, port = await one_shot_upstream(cut_short + b"%x\r\n%s\r\n" % (len(event), event))
+        ended = []
+        last = b'data: {"error": {"code": "engine_error"}}\n\ndata: [DONE]\n\n'
+
+        async def route(request):
+            return Upstream("127.0.0.1", port, "r-1", done=lambda: ended.append(1), last_words=lambda: b"%x\r\n%s\r\n0\r\n\r\n" % (len(last), last))
+
+        door = FrontDoor(route)
+        await door.start("127.0.0.1", 0)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{door.port}") as http:
+            response = await http.post("/v1/completions", json={"stream": True})
+        door.close()
+        server.close()
+        assert response.status_code == 200
+        assert response.text == (event + last).decode()
+        assert ended == [1]
+
+    asyncio.run(go())
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent():
+    async def go():
+        server, port = await one_shot_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+        async def route(request):
+            assert request.body == b"{}"
+            return Upstream("127.0.0.1", port)
+
+        door = FrontDoor(route)
+        await door.start("127.0.0.1", 0)
+        head = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n"
+        reader, writer, interim = await raw_exchange(door.port, head)
+        writer.write(b"{}")
+        final = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+        writer.close()
+        door.close()
+        server.close()
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert final.startswith(b"HTTP/1.1 200 OK") and b"connection" not in final.lower()
+
+    asyncio.run(go())
