@@ -14,7 +14,10 @@ and whose one item names the replica it landed on, which is how the ingress
 learns the replicas Serve starts. The lease is opened alongside the request,
 not before it: under load a Ray call takes tens of milliseconds, and waiting
 for it would add them to every time to first token. The ingress places the
-request itself, on the replica it has the fewest requests in flight on.
+request itself, on the replica it has the fewest requests in flight on. A
+finished request's lease stays open for a second for the next request on its
+replica to take over, so steady traffic holds as many leases as it has
+requests in flight without a Ray call per request.
 
 Requests for a LoRA adapter (``base:adapter``) prefer a replica the ingress
 already sent that adapter to, unless it is much busier than the others; each
@@ -33,6 +36,7 @@ import contextlib
 import logging
 import random
 import socket
+import time
 import weakref
 from typing import Any, AsyncIterator, Callable, Optional
 
@@ -56,6 +60,9 @@ REPLICA_HEADER = "x-llmserve-replica"
 # this many more requests in flight than the least busy one; past that, the
 # least busy replica loads the adapter too.
 ADAPTER_AFFINITY_SLACK = 8
+# A finished request's lease stays open this long for the next request on
+# its replica to take over: leases follow the load without a Ray call per request.
+LEASE_LINGER_S = 1.0
 
 
 class ReplicaRelay:
@@ -67,22 +74,28 @@ class ReplicaRelay:
         self._session: Any = None  # made on first use, inside the serving event loop
         self._in_flight: dict[str, int] = {}  # replica URL -> this ingress's requests on it
         self._holders: dict[str, dict[str, None]] = {}  # adapter -> replicas it was sent to
+        self._idle_leases: dict[str, list[_Lease]] = {}  # replica URL -> leases no request holds
 
     async def place(self, adapter: Optional[str]) -> tuple[str, Callable[[], None]]:
         """A replica URL for one request and the callable that ends its lease (call it once done).
 
         The request is placed at once when this ingress knows a replica;
-        only the first request waits for Serve to name one.
+        only the first request waits for Serve to name one. Its lease is one
+        a finished request left open on that replica, if any, else a new one.
         """
-        lease = self._lease_handle.reserve.remote()
         known = self._place(adapter)
-        try:
-            replica_url = known or await self._learn_replica(lease)
-        except BaseException:
-            lease.cancel()
-            raise
-        if known:
-            _in_background(self._learn_replica(lease))  # it may name a replica we do not know yet
+        lease = self._take_idle_lease(known) if known else None
+        if lease is None:
+            lease = _Lease(self._lease_handle.reserve.remote())
+            if known:
+                _in_background(self._learn_replica(lease))  # it may name a replica we do not know yet
+        replica_url = known
+        if replica_url is None:
+            try:
+                replica_url = await self._learn_replica(lease)
+            except BaseException:
+                lease.cancel()
+                raise
         self._in_flight[replica_url] = self._in_flight.get(replica_url, 0) + 1
         if adapter is not None:
             self._holders.setdefault(adapter, {})[replica_url] = None
@@ -91,6 +104,33 @@ class ReplicaRelay:
     def forget(self, replica_url: str) -> None:
         """That replica refused a connection (scaled down, restarted): stop placing requests on it."""
         self._in_flight.pop(replica_url, None)
+        for lease in self._idle_leases.pop(replica_url, []):
+            lease.cancel()
+
+    def _release(self, replica_url: str, lease: "_Lease") -> None:
+        if replica_url in self._in_flight:
+            self._in_flight[replica_url] -= 1
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # collected outside the serving loop: nothing to hand it to
+            loop = None
+        if loop is None or lease.replica_url not in self._in_flight or lease.age() > MAX_LEASE_S / 2:
+            lease.cancel()  # an old one would end under a request that still runs
+            return
+        # Under steady traffic the next request takes this lease over, so a
+        # request costs no Ray call; one nobody takes ends after LEASE_LINGER_S.
+        self._idle_leases.setdefault(lease.replica_url, []).append(lease)
+        loop.call_later(LEASE_LINGER_S, self._expire, lease)
+
+    def _take_idle_lease(self, replica_url: str) -> Optional["_Lease"]:
+        idle = self._idle_leases.get(replica_url)
+        return idle.pop() if idle else None
+
+    def _expire(self, lease: "_Lease") -> None:
+        idle = self._idle_leases.get(lease.replica_url or "", [])
+        if lease in idle:
+            idle.remove(lease)
+            lease.cancel()
 
     async def respond(self, request: ApiRequest) -> Response:
         """The replica's answer through aiohttp: the path behind Serve's own HTTP proxy."""
@@ -114,11 +154,6 @@ class ReplicaRelay:
         # own clean-up; collecting it then still ends the lease.
         weakref.finalize(relayed, finished)
         return StreamingResponse(relayed, status_code=upstream.status, media_type="text/event-stream", headers=headers)
-
-    def _release(self, replica_url: str, lease: Any) -> None:
-        if replica_url in self._in_flight:
-            self._in_flight[replica_url] -= 1
-        lease.cancel()
 
     async def _send(self, adapter: Optional[str], request: ApiRequest) -> tuple[Any, Callable[[], None]]:
         headers = {"content-type": "application/json", REQUEST_ID_HEADER: request.request_id}
@@ -148,9 +183,10 @@ class ReplicaRelay:
                 return least_busy_holder
         return random.choice([url for url, count in self._in_flight.items() if count == fewest])
 
-    async def _learn_replica(self, lease: Any) -> str:
+    async def _learn_replica(self, lease: "_Lease") -> str:
         """The replica a lease landed on, remembered for placing later requests."""
-        replica_url = await anext(lease)
+        replica_url = await anext(lease.call)
+        lease.replica_url = replica_url
         self._in_flight.setdefault(replica_url, 0)
         return replica_url
 
@@ -188,8 +224,27 @@ class ReplicaRelay:
         return await self._handle.model_cards.remote()
 
     async def aclose(self) -> None:
+        for leases in self._idle_leases.values():
+            for lease in leases:
+                lease.cancel()
+        self._idle_leases.clear()
         if self._session is not None:
             await self._session.close()
+
+
+class _Lease:
+    """One streaming ``reserve`` call, and the replica it landed on once known."""
+
+    def __init__(self, call: Any):
+        self.call = call
+        self.replica_url: Optional[str] = None
+        self._opened = time.monotonic()
+
+    def age(self) -> float:
+        return time.monotonic() - self._opened
+
+    def cancel(self) -> None:
+        self.call.cancel()
 
 
 def adapter_of(body: dict[str, Any]) -> Optional[str]:
