@@ -181,6 +181,17 @@ def run(args: argparse.Namespace) -> int:
         _configure_local_serve("none" if use_front_door else "ray" if args.proxy == "ray" else "haproxy")
     front_door = {"host": host, "port": port} if use_front_door else None
     applications = build_applications(config, base_dir, front_door)  # config errors surface before Ray starts
+    reservation = None
+    if started_ray:  # fail now if the port is taken, not after the models load
+        from llmserve.front_door import reserve_port
+
+        try:
+            reservation = reserve_port(host, port)
+        except OSError as exc:
+            print(f"llmserve: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr, flush=True)
+            return 1
+        if not use_front_door:  # Serve's proxy binds the port itself; only the front door needs it held
+            reservation.close()
     _connect_ray(start=started_ray, dashboard=args.dashboard)
     from ray import serve
 
@@ -202,6 +213,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         print("llmserve: shutting down", flush=True)
         _shut_down([application.get("name", "default") for application, _ in applications], started_ray)
+        if reservation is not None:
+            reservation.close()
+        if reservation is not None:
+            reservation.close()
+
 
 
 def _shut_down(app_names: list[str], started_ray: bool) -> None:
@@ -238,6 +254,9 @@ def _wait_until_running(timeout: float, started: float) -> bool:
                     last_line[name] = line
             if app.status.value in ("DEPLOY_FAILED", "UNHEALTHY"):
                 print(f"llmserve: application {app_name!r} failed: {app.message}", file=sys.stderr, flush=True)
+                for name, deployment in app.deployments.items():
+                    if deployment.message:  # the replica's own error, with its traceback
+                        print(f"llmserve: {name}: {deployment.message}", file=sys.stderr, flush=True)
                 return False
             all_running = all_running and app.status.value == "RUNNING"
         if all_running:

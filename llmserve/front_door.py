@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
@@ -71,6 +72,36 @@ class Upstream:
 
 
 Route = Callable[[HttpRequest], Awaitable[Upstream]]
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Hold host:port for front doors that will open later, in other processes.
+
+    While the models load (minutes), the port would otherwise be free for the
+    kernel to hand out as the local port of some outgoing connection, and the
+    ingress would then fail to bind it. A socket bound with SO_REUSEPORT but
+    never listening keeps the port ours without taking any connections; the
+    front doors (same user, also SO_REUSEPORT) can still bind it. Raises
+    OSError at once if the port is taken, before any model loads.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # First a bind without SO_REUSEPORT: it fails on any socket already there,
+    # including another llmserve's front door, which would otherwise share the
+    # port with ours and take part of its traffic.
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # No SO_REUSEADDR here: with it Linux lets any other SO_REUSEADDR socket
+        # share a port no one listens on, which is all a reservation is.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class FrontDoor:

