@@ -7,7 +7,9 @@ prompts from 32 up, 100 at 8, 50 at 1 (the latency case). This machine's speed
 drifts by 2-10x within minutes (vllm serve alone measured 12 and 260 ms mean
 TTFT in back-to-back runs), so rounds alternate the order (vllm, llmserve,
 llmserve, vllm, ...) and the tables print each metric's median over rounds,
-llmserve's ratio to vLLM, and the per-round throughput ratios. A PNG plots
+llmserve's ratio to vLLM, and the per-round throughput ratios. "CPU
+ms/token" is the CPU time the server's whole process tree (for llmserve, Ray
+included) spent per output token, which the machine's drift barely moves. A PNG plots
 mean TTFT and output throughput against concurrency for both.
 
 With --lora N both servers load N tiny adapters and every request names one
@@ -45,7 +47,29 @@ METRICS = [
     ("p99_ttft_ms", "TTFT p99 ms"),
     ("mean_tpot_ms", "TPOT mean ms"),
     ("p99_itl_ms", "ITL p99 ms"),
+    ("server_cpu_ms_per_token", "CPU ms/token"),
 ]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and all its descendants:
+    for llmserve that is the whole Ray stack it started, for vLLM its API server,
+    engine core and worker."""
+    import psutil
+
+    try:
+        processes = [psutil.Process(pid)]
+        processes += processes[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def start_vllm(model: str, port: int, log, adapters: dict[str, Path]) -> subprocess.Popen:
@@ -137,7 +161,12 @@ class Server:
 
     def bench(self, model: str, concurrency: int, prompts: int, tag: str, lora_names: list[str]) -> dict:
         result = self.workdir / f"{self.name}-c{concurrency}-{tag}.json"
-        return bench(model, self.port, concurrency, prompts, result, self.log, lora_names)
+        cpu_before = tree_cpu_seconds(self.process.pid)
+        run = bench(model, self.port, concurrency, prompts, result, self.log, lora_names)
+        # Unlike the timings, CPU spent per token hardly depends on how busy the
+        # machine's other tenants are: it shows what serving a token costs.
+        run["server_cpu_ms_per_token"] = (tree_cpu_seconds(self.process.pid) - cpu_before) * 1000 / run["total_output_tokens"]
+        return run
 
     def close(self) -> None:
         stop(self.process)
