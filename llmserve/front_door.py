@@ -4,11 +4,14 @@ On a small machine every byte a Python HTTP stack handles is CPU taken from
 the engine. Behind ``llmserve run`` the ingress replica therefore owns the
 public port itself: it parses each request once (head with httptools, body
 with ``json.loads`` for the `model` field, both in the route callback),
-asks where it goes, sends it there on a fresh connection and copies the
-response bytes to the client unparsed, only watching its framing to know
-where it ends. Per streamed chunk that is one read and one write. Serve's
-proxy, HAProxy and the ASGI layers are not on the byte path (measured in
-docs/data-path.md).
+and asks where it goes. A model replica on this node gets the client's socket
+with the request and writes the answer itself (``handoff.py``); the front
+door keeps reading the connection and takes the writing back when the
+replica reports the answer complete. Anywhere else, it sends the request on
+a fresh connection and copies the response bytes to the client unparsed,
+only watching its framing to know where it ends: per streamed chunk one read
+and one write. Serve's proxy, HAProxy and the ASGI layers are not on the
+byte path (measured in docs/data-path.md).
 
 What the route callback returns decides everything else: a model replica
 for API calls, the ingress's own ASGI app (on an internal port) for the
@@ -33,6 +36,7 @@ from typing import Any, Awaitable, Callable, Optional
 import httptools
 
 from llmserve.errors import BadRequestError, LLMServeError, PayloadTooLargeError, ServiceUnavailableError
+from llmserve.handoff import HandoffCall, address_for
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ class HttpRequest:
     headers: list[tuple[bytes, bytes]]
     body: bytes
     keep_alive: bool
+    http_version: str = "1.1"
 
     def header(self, name: bytes) -> Optional[bytes]:
         return next((value for key, value in self.headers if key == name), None)
@@ -69,6 +74,8 @@ class Upstream:
     elsewhere: Optional[Callable[[], Awaitable["Upstream"]]] = None
     # What to send the client if the upstream dies after the answer's head (SSE only).
     last_words: Callable[[], bytes] = lambda: b""
+    # A model replica: on this node it writes its answer to the client itself (handoff.py).
+    hand_off: bool = False
 
 
 Route = Callable[[HttpRequest], Awaitable[Upstream]]
@@ -136,6 +143,7 @@ class _ClientConnection(asyncio.Protocol):
         self._body_size = 0
         self._worker: Optional[asyncio.Task] = None
         self._upstream: Optional[_UpstreamConnection] = None
+        self._handoff: Optional[HandoffCall] = None
         self._closed = False
 
     # asyncio.Protocol
@@ -154,6 +162,8 @@ class _ClientConnection(asyncio.Protocol):
         self._closed = True
         if self._upstream is not None:
             self._upstream.abandon()  # closing it is how the replica (and its engine) hears the client left
+        if self._handoff is not None:
+            self._handoff.abandon()
         if self._worker is not None and not self._worker.done():
             self._worker.cancel()
 
@@ -178,6 +188,7 @@ class _ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._reading.method = self._parser.get_method()
+        self._reading.http_version = self._parser.get_http_version()
         self._reading.keep_alive = self._parser.should_keep_alive()
         if (self._reading.header(b"expect") or b"").lower() == b"100-continue":
             self._transport.write(_CONTINUE)
@@ -210,12 +221,16 @@ class _ClientConnection(asyncio.Protocol):
         upstream: Optional[Upstream] = None
         try:
             upstream = await self._route(request)
-            upstream, connection = await self._connect(upstream)
+            handoff = await self._hand_off(request, upstream)
+            if handoff is None:
+                upstream, connection = await self._connect(upstream)
         except Exception as exc:
             if upstream is not None:
                 upstream.done()
             self._answer_and_close(_failure(exc, upstream.request_id if upstream else None))
             return False
+        if handoff is not None:
+            return await self._handed_off(request, upstream, handoff)
         self._upstream = connection
         try:
             connection.send(_upstream_request(request, upstream))
@@ -225,6 +240,34 @@ class _ClientConnection(asyncio.Protocol):
             upstream.done()
         if not complete and not self._closed:
             tail = upstream.last_words() if connection.at_chunk_boundary and connection.streaming else b""
+            self._transport.write(tail)
+            return bool(tail) and request.keep_alive
+        return request.keep_alive
+
+    async def _hand_off(self, request: HttpRequest, upstream: Upstream) -> Optional[HandoffCall]:
+        """The request given to a replica on this node with the client's socket, or None to splice."""
+        sock = self._transport.get_extra_info("socket")
+        if not upstream.hand_off or request.http_version != "1.1" or sock is None:
+            return None
+        if self._transport.get_write_buffer_size():  # our bytes must reach the client before the replica's
+            return None
+        head = {"method": request.method.decode("latin-1"), "path": request.path.decode("latin-1"), "headers": _handoff_headers(request, upstream)}
+        try:
+            return await HandoffCall.start(address_for(upstream.host, upstream.port), sock.fileno(), head, request.body)
+        except OSError:
+            return None  # on another node (or gone, which the TCP connect finds out)
+
+    async def _handed_off(self, request: HttpRequest, upstream: Upstream, handoff: HandoffCall) -> bool:
+        """Wait while the replica answers on the client's socket; whether the connection stays open."""
+        self._handoff = handoff
+        try:
+            complete = await handoff.finished()
+        finally:
+            self._handoff = None
+            upstream.done()
+        if not complete and not self._closed:
+            # The replica writes whole chunks, so a stream it left is at a chunk boundary.
+            tail = upstream.last_words() if handoff.head_sent and handoff.streaming else b""
             self._transport.write(tail)
             return bool(tail) and request.keep_alive
         return request.keep_alive
@@ -257,6 +300,12 @@ def _failure(exc: Exception, request_id: Optional[str]) -> LLMServeError:
         return exc
     logger.error("request %s: the front door could not reach a replica: %r", request_id, exc)
     return ServiceUnavailableError(f"No replica of the model could be reached for request {request_id}; retry later.")
+
+
+def _handoff_headers(request: HttpRequest, upstream: Upstream) -> list[tuple[str, str]]:
+    headers = [(k, v) for k, v in request.headers if k not in _HOP_HEADERS] + upstream.extra_headers
+    headers.append((b"content-length", b"%d" % len(request.body)))
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
 
 
 def _upstream_request(request: HttpRequest, upstream: Upstream) -> bytes:

@@ -186,7 +186,7 @@ async def _to_replica(relay: ReplicaRelay, request: HttpRequest, body: dict[str,
 
     host, port = replica_url.removeprefix("http://").rsplit(":", 1)
     extra_headers = [] if given_id else [(REQUEST_ID_HEADER.encode(), request_id.encode())]
-    return Upstream(host, int(port), request_id, extra_headers, done, elsewhere if may_retry else None, last_words)
+    return Upstream(host, int(port), request_id, extra_headers, done, elsewhere if may_retry else None, last_words, hand_off=True)
 
 
 async def open_front_door(router: ModelRouter, host: str, port: int) -> FrontDoor:

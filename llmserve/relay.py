@@ -42,6 +42,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from starlette.responses import Response, StreamingResponse
 
+from llmserve.handoff import HandoffListener, address_for
 from llmserve.responses import REQUEST_ID_HEADER, SSE_DONE, ApiRequest, backend_failure, error_response
 
 logger = logging.getLogger(__name__)
@@ -285,6 +286,7 @@ class ReplicaDataPlane:
         self._app = app
         self._url: Optional[str] = None
         self._server: Any = None
+        self._handoff: Optional[HandoffListener] = None
         self._starting = asyncio.Lock()
         self.leases_held = 0
 
@@ -319,12 +321,20 @@ class ReplicaDataPlane:
 
     async def _start(self) -> str:
         self._server, url = await start_http_server(self, _node_ip())
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        try:
+            self._handoff = HandoffListener(self, address_for(host, int(port)))
+        except OSError as exc:  # front doors then splice this replica's answers instead
+            logger.warning("replica data plane at %s takes no handed-off connections: %r", url, exc)
         logger.info("replica data plane serving at %s", url)
         return url
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.should_exit = True
+        if self._handoff is not None:
+            self._handoff.close()
+            self._handoff = None
 
 
 def _node_ip() -> str:

@@ -10,6 +10,7 @@ import pytest
 from llmserve import LLMConfig, LLMServer
 from llmserve import front_door as front_door_module
 from llmserve.front_door import FrontDoor, Upstream
+from llmserve.handoff import HandoffListener, address_for
 from llmserve.ingress import open_front_door
 from llmserve.relay import ReplicaRelay
 from llmserve.routing import ModelRouter
@@ -34,6 +35,9 @@ class Door:
 
     def leases_held(self):
         return self.server._data_plane.leases_held
+
+    def handed_off(self):
+        return self.server._data_plane._handoff.taken
 
 
 async def settle(condition, timeout=5.0):
@@ -103,6 +107,7 @@ def test_client_leaving_mid_stream_stops_the_replica_stream():
                 async for _ in response.aiter_bytes():
                     break
                 assert door.server.engine.open_streams == 1
+                assert door.handed_off() == 1  # the replica itself was writing to the client
             # 200 events at 20 ms would take 4 s; the stream must stop long before.
             assert await settle(lambda: door.server.engine.open_streams == 0, timeout=1.0), "the replica kept generating"
             assert await settle(lambda: door.leases_held() == 0)
@@ -246,3 +251,88 @@ def test_a_reserved_port_is_refused_to_others_but_not_to_front_doors():
         asyncio.run(go())
     finally:
         reservation.close()
+
+
+async def read_response(reader):
+    """One HTTP/1.1 response off a raw connection: (head, body), by content-length or chunks."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").lower().split("\r\n")
+    length = next((int(line.split(":", 1)[1]) for line in lines if line.startswith("content-length:")), None)
+    if length is not None:
+        return head, await reader.readexactly(length)
+    body = b""
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        chunk = await reader.readexactly(size + 2)
+        if size == 0:
+            return head, body
+        body += chunk[:-2]
+
+
+def post(path, payload):
+    body = json.dumps(payload).encode()
+    return b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (path, len(body), body)
+
+
+def test_a_replica_on_this_node_answers_on_the_client_socket_which_stays_the_front_doors():
+    async def go():
+        async with Door() as door:
+            reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+            writer.write(post(b"/v1/completions", {"model": "alpha", "prompt": "one two"}))
+            whole_head, whole = await read_response(reader)
+            writer.write(post(b"/v1/completions", {"model": "alpha", "prompt": "a b c", "stream": True}))
+            stream_head, stream = await read_response(reader)
+            # The same connection then carries a request the ingress answers itself.
+            writer.write(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+            _, models = await read_response(reader)
+            writer.close()
+            assert whole_head.startswith(b"HTTP/1.1 200 ") and json.loads(whole)["choices"][0]["text"] == "one two"
+            assert b"x-llmserve-replica: http://127.0.0.1:" in whole_head
+            assert b"transfer-encoding: chunked" in stream_head and b"text/event-stream" in stream_head
+            assert stream.count(b"data: ") == 4 and stream.endswith(b"data: [DONE]\n\n")
+            assert [card["id"] for card in json.loads(models)["data"]] == ["alpha"]
+            assert door.handed_off() == 2
+
+    asyncio.run(go())
+
+
+def test_a_replica_without_handoff_still_answers_through_the_splice():
+    async def go():
+        async with Door() as door, httpx.AsyncClient(base_url=door.url) as http:
+            assert (await http.post("/v1/completions", json={"prompt": "x"})).status_code == 200
+            door.server._data_plane._handoff.close()  # as seen from a front door on another node
+            streamed = await http.post("/v1/completions", json={"prompt": "a b", "stream": True})
+            assert streamed.status_code == 200 and streamed.text.count("data: ") == 3
+            assert door.handed_off() == 1
+
+    asyncio.run(go())
+
+
+def test_a_handed_off_stream_cut_short_ends_with_one_error_event():
+    async def go():
+        event = b"data: {}\n\n"
+        last = b'data: {"error": {"code": "engine_error"}}\n\ndata: [DONE]\n\n'
+
+        async def failing_app(scope, receive, send):
+            await receive()
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            raise RuntimeError("the replica broke mid-stream")
+
+        listener = HandoffListener(failing_app, address_for("127.0.0.1", 9))
+        ended = []
+
+        async def route(request):
+            return Upstream("127.0.0.1", 9, "r-1", done=lambda: ended.append(1), last_words=lambda: b"%x\r\n%s\r\n0\r\n\r\n" % (len(last), last), hand_off=True)
+
+        door = FrontDoor(route)
+        await door.start("127.0.0.1", 0)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{door.port}") as http:
+            response = await http.post("/v1/completions", json={"stream": True})
+        door.close()
+        listener.close()
+        assert response.status_code == 200
+        assert response.text == (event + last).decode()
+        assert ended == [1] and listener.taken == 1
+
+    asyncio.run(go())
