@@ -75,6 +75,17 @@ def resolve_engine_kwargs(config: LLMConfig, model_path: str) -> dict[str, Any]:
     return kwargs
 
 
+def _bound_engine_spin_waits() -> None:
+    """On CPU, ask the engine's processes (started next, inheriting our environment) to nap past 1 ms of spinning.
+
+    A user's own LLMSERVE_ENGINE_SPIN_S (e.g. in runtime_env) wins; see vllm_spin_wait.
+    """
+    from llmserve.vllm_spin_wait import CPU_DEFAULT_SPIN_S, SPIN_ENV
+
+    if not has_accelerator():
+        os.environ.setdefault(SPIN_ENV, str(CPU_DEFAULT_SPIN_S))
+
+
 def split_engine_kwargs(kwargs: dict[str, Any]) -> tuple[AsyncEngineArgs, FrontendArgs]:
     frontend = {key: value for key, value in kwargs.items() if key in _frontend_fields()}
     engine = {key: value for key, value in kwargs.items() if key not in frontend}
@@ -102,6 +113,7 @@ class VLLMEngine:
             raise ConfigError(f"model_source {source.bucket_uri!r}: object-storage weights are not supported yet")
         kwargs = resolve_engine_kwargs(self._config, source)
         engine_args, frontend_args = split_engine_kwargs(kwargs)
+        _bound_engine_spin_waits()
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
         self._engine_client = AsyncLLM.from_vllm_config(
             vllm_config=vllm_config,
