@@ -215,9 +215,6 @@ def run(args: argparse.Namespace) -> int:
         _shut_down([application.get("name", "default") for application, _ in applications], started_ray)
         if reservation is not None:
             reservation.close()
-        if reservation is not None:
-            reservation.close()
-
 
 
 def _shut_down(app_names: list[str], started_ray: bool) -> None:

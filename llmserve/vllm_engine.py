@@ -86,6 +86,18 @@ def _bound_engine_spin_waits() -> None:
         os.environ.setdefault(SPIN_ENV, str(CPU_DEFAULT_SPIN_S))
 
 
+def _fork_engine_workers(vllm_config: Any) -> None:
+    """On CPU, ask the engine core (started next, inheriting our environment) to fork its workers.
+
+    A spawned worker imports vLLM again, 8-10 s; see vllm_worker_fork. NUMA
+    binding wraps the worker's executable, which needs spawn.
+    """
+    from llmserve.vllm_worker_fork import FORK_ENV
+
+    if not has_accelerator() and not getattr(vllm_config.parallel_config, "numa_bind", False):
+        os.environ.setdefault(FORK_ENV, "1")
+
+
 def split_engine_kwargs(kwargs: dict[str, Any]) -> tuple[AsyncEngineArgs, FrontendArgs]:
     frontend = {key: value for key, value in kwargs.items() if key in _frontend_fields()}
     engine = {key: value for key, value in kwargs.items() if key not in frontend}
@@ -115,6 +127,7 @@ class VLLMEngine:
         engine_args, frontend_args = split_engine_kwargs(kwargs)
         _bound_engine_spin_waits()
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        _fork_engine_workers(vllm_config)
         self._engine_client = AsyncLLM.from_vllm_config(
             vllm_config=vllm_config,
             usage_context=UsageContext.OPENAI_API_SERVER,

@@ -175,3 +175,26 @@ def test_client_disconnect_mid_stream_aborts_the_engine_request(base_url):
         assert time.monotonic() < deadline, "the engine never aborted the request of a client that left"
         time.sleep(0.05)
     assert _engine_stats("tiny-a")["requests_in_engine"] == 0
+
+
+def test_each_engine_worker_is_forked_from_its_engine_core_and_bound_like_vllm_binds_it(base_url, tiny_model_paths):
+    """vLLM spawns CPU workers (an import of vLLM each); ours are forked and pinned as vLLM's OpenMP set-up pins them."""
+    from pathlib import Path
+
+    import psutil
+    import ray
+
+    from llmserve.vllm_worker_fork import FORKED_WORKER_LOG
+
+    workers = [process for process in psutil.process_iter(["name"]) if (process.info["name"] or "").startswith("VLLM::Worker")]
+    assert len(workers) >= len(tiny_model_paths)
+    for worker in workers:
+        assert worker.parent().name().startswith("VLLM::EngineCor")
+        # vLLM binds each worker to its share of the cores, leaving one to the engine core.
+        assert len(worker.cpu_affinity()) < len(psutil.Process().cpu_affinity())
+    # A worker bound to one CPU is forked (on 2 cores, all of them); wider ones are spawned as vLLM does.
+    single_cpu_workers = sum(len(worker.cpu_affinity()) == 1 for worker in workers)
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    forked = sum(path.read_text(errors="replace").count(FORKED_WORKER_LOG) for path in logs.glob("worker-*.out"))
+    assert forked >= single_cpu_workers
+    assert single_cpu_workers == len(workers) or len(psutil.Process().cpu_affinity()) > 2
