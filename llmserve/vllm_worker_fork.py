@@ -21,6 +21,9 @@ worker is forked only where its binding can be redone exactly after the fork:
 each worker bound to a single CPU (the forked worker pins itself there and
 sets one thread, which is what the runtime would have done), or binding off
 (``VLLM_CPU_OMP_THREADS_BIND=nobind``). Anything else is spawned as vLLM does.
+The libraries vLLM preloads on CPU (``LD_PRELOAD``: tcmalloc, Intel OpenMP) are
+set while the replica makes vLLM's config, before the engine core starts, so
+the engine core has them loaded and a worker forked from it has them too.
 The engine core is always spawned: the replica that starts it is a Ray actor,
 whose threads make forking it unsafe.
 
