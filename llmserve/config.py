@@ -16,12 +16,49 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+
+logger = logging.getLogger(__name__)
+
+# ray.serve.llm's documentation tells users to pick a model's task with
+# `engine_kwargs: {task: embed}`; vLLM replaced `task` with `runner` (what the
+# engine runs) and `convert` (how a model is adapted to it), and 0.32 rejects it.
+_TASK_AS_RUNNER: dict[str, dict[str, str]] = {
+    "auto": {},
+    "generate": {"runner": "generate"},
+    "transcription": {"runner": "generate"},
+    "embed": {"runner": "pooling"},
+    "embedding": {"runner": "pooling"},
+    "reward": {"runner": "pooling"},
+    "classify": {"runner": "pooling", "convert": "classify"},
+    "score": {"runner": "pooling", "convert": "classify"},
+}
+_warned_about_task = False
+
+
+def _task_as_runner(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``engine_kwargs`` with the old ``task`` key written as vLLM's ``runner``/``convert``."""
+    global _warned_about_task
+    if "task" not in engine_kwargs:
+        return engine_kwargs
+    kwargs = dict(engine_kwargs)
+    task = kwargs.pop("task")
+    if task not in _TASK_AS_RUNNER:
+        raise ValueError(f"engine_kwargs.task {task!r} is not one of {sorted(_TASK_AS_RUNNER)}; vLLM now calls it `runner`")
+    replacement = _TASK_AS_RUNNER[task]
+    for key, value in replacement.items():
+        kwargs.setdefault(key, value)
+    if not _warned_about_task:
+        _warned_about_task = True
+        logger.warning("engine_kwargs.task=%r is served as %s: vLLM has no `task` argument any more", task, replacement or "vLLM's defaults")
+    return kwargs
 
 
 class _Strict(BaseModel):
@@ -159,6 +196,7 @@ class LLMConfig(_Strict):
     def _engine_knows_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
         from llmserve.engine import unknown_engine_kwargs
 
+        value = _task_as_runner(value)
         for reserved in ("model", "served_model_name"):
             if reserved in value:
                 raise ValueError(

@@ -27,7 +27,28 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Optional, Protoco
 if TYPE_CHECKING:
     from llmserve.config import LLMConfig
 
-Endpoint = Literal["chat", "completions", "embeddings"]
+Endpoint = Literal[
+    "chat", "completions", "embeddings", "responses", "tokenize", "detokenize", "score", "rerank", "classify", "pooling"
+]
+
+# Every path of a model call, as `vllm serve` routes it, and the endpoint it is.
+# The first path of each endpoint is the one the ingress forwards it to.
+API_PATHS: dict[str, Endpoint] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/responses": "responses",
+    "/tokenize": "tokenize",
+    "/detokenize": "detokenize",
+    "/score": "score",
+    "/v1/score": "score",
+    "/rerank": "rerank",
+    "/v1/rerank": "rerank",
+    "/v2/rerank": "rerank",
+    "/classify": "classify",
+    "/pooling": "pooling",
+}
+ENDPOINT_PATHS: dict[Endpoint, str] = {endpoint: path for path, endpoint in reversed(API_PATHS.items())}
 
 # A whole JSON body, or the stream of SSE events ("data: ...\n\n") of a streaming request.
 EngineOutput = Union[bytes, AsyncIterator[str]]

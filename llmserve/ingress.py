@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llmserve.engine import Endpoint
+from llmserve.engine import API_PATHS, Endpoint
 from llmserve.errors import (
     BadRequestError,
     EngineError,
@@ -37,7 +37,7 @@ from llmserve.errors import (
     NotFoundError,
 )
 from llmserve.front_door import FrontDoor, HttpRequest, Upstream
-from llmserve.relay import ENDPOINT_PATHS, ReplicaRelay, adapter_of, start_http_server
+from llmserve.relay import ReplicaRelay, adapter_of, start_http_server
 from llmserve.responses import REQUEST_ID_HEADER, SSE_DONE, ApiRequest, backend_failure, error_response
 from llmserve.routing import ModelRouter
 
@@ -133,10 +133,8 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
 def build_http_app(router: ModelRouter) -> Starlette:
     """The OpenAI HTTP API over a router, as a plain ASGI app."""
     list_models, retrieve_model = _models_endpoints(router)
-    routes = [
-        Route("/v1/chat/completions", _api_endpoint("chat", router), methods=["POST"]),
-        Route("/v1/completions", _api_endpoint("completions", router), methods=["POST"]),
-        Route("/v1/embeddings", _api_endpoint("embeddings", router), methods=["POST"]),
+    routes = [Route(path, _api_endpoint(endpoint, router), methods=["POST"]) for path, endpoint in API_PATHS.items()]
+    routes += [
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/health", _health, methods=["GET"]),
@@ -147,7 +145,7 @@ def build_http_app(router: ModelRouter) -> Starlette:
     )
 
 
-_API_ENDPOINTS = {path.encode(): endpoint for endpoint, path in ENDPOINT_PATHS.items()}
+_API_ENDPOINTS = {path.encode(): endpoint for path, endpoint in API_PATHS.items()}
 
 
 def front_door_route(router: ModelRouter, own_app: tuple[str, int]):

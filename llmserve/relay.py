@@ -42,12 +42,12 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from starlette.responses import Response, StreamingResponse
 
+from llmserve.engine import ENDPOINT_PATHS
 from llmserve.handoff import HandoffListener, address_for
 from llmserve.responses import REQUEST_ID_HEADER, SSE_DONE, ApiRequest, backend_failure, error_response
 
 logger = logging.getLogger(__name__)
 
-ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
 # A lease ends when the ingress cancels it at the end of its request; this
 # bounds one whose ingress died without doing so.
 MAX_LEASE_S = 3600.0

@@ -6,7 +6,7 @@ make it fail on purpose: ``fail:start`` (before any output), ``fail:stream``
 (after the first event), ``fail:client`` (a 400 the client caused). The word
 ``slow`` spaces a stream's events 20 ms apart, and ``open_streams`` counts the
 streams being generated, so a test can see a stream stop when its client
-leaves.
+leaves. Whole answers name the endpoint that served them (``"endpoint"``).
 
 ``InProcessHandle`` stands in for a Serve handle to such a server, so the
 ingress's relay and front door can be tested without Ray.
@@ -73,6 +73,7 @@ class FakeEngine:
             "model": body["model"],
             "choices": [_choice(endpoint, text, delta=False)],
             "usage": {"prompt_tokens": tokens, "completion_tokens": tokens, "total_tokens": 2 * tokens},
+            "endpoint": endpoint,  # not OpenAI's: lets a test see which endpoint a path reached
         }
 
     async def model_cards(self) -> list[dict[str, Any]]:

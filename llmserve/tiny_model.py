@@ -95,16 +95,6 @@ def _save_weights(path: Path, seed: int, vocab_size: int) -> None:
     model.save_pretrained(path, safe_serialization=True)
 
 
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write the tiny random-weight test model to a folder.")
-    parser.add_argument("path")
-    parser.add_argument("--seed", type=int, default=0)
-    cli_args = parser.parse_args()
-    print(make_tiny_model(cli_args.path, seed=cli_args.seed))
-
-
 def make_tiny_adapter(base: str | Path, path: str | Path, *, seed: int, rank: int = 8) -> Path:
     """Write a random LoRA adapter (a peft folder) for the tiny model at ``base``.
 
@@ -131,3 +121,35 @@ def make_tiny_adapter(base: str | Path, path: str | Path, *, seed: int, rank: in
     adapted.save_pretrained(str(path))
     marker.write_text(json.dumps(fingerprint))
     return path
+
+
+def make_cross_encoder(minilm: str | Path, path: str | Path, *, seed: int = 0) -> Path:
+    """A cross-encoder (one relevance score per text pair) from MiniLM's weights and a random head.
+
+    vLLM serves a sequence classifier with one label for `/score`, `/rerank`
+    and `/classify`; its scores are deterministic, not meaningful.
+    """
+    path = Path(path)
+    fingerprint = {"base": "all-MiniLM-L6-v2", "seed": seed, "version": 1}
+    marker = path / _FINGERPRINT_FILE
+    if marker.exists() and json.loads(marker.read_text()) == fingerprint:
+        return path
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(str(minilm), num_labels=1)
+    model.save_pretrained(str(path), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(minilm)).save_pretrained(str(path))
+    marker.write_text(json.dumps(fingerprint))
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the tiny random-weight test model to a folder.")
+    parser.add_argument("path")
+    parser.add_argument("--seed", type=int, default=0)
+    cli_args = parser.parse_args()
+    print(make_tiny_model(cli_args.path, seed=cli_args.seed))

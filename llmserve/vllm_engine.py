@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib
 import logging
 import os
 import subprocess
-from typing import Any
+from typing import Any, AsyncIterator, Optional
 
 import pydantic
 from starlette.datastructures import State
@@ -24,7 +25,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.launchers.cli_args import FrontendArgs
 
 from llmserve.config import LLMConfig
-from llmserve.engine import Endpoint, EngineOutput
+from llmserve.engine import ENDPOINT_PATHS, Endpoint, EngineOutput
 from llmserve.errors import BadRequestError, ConfigError, EngineError, error_for_status
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,33 @@ def _fork_engine_workers(vllm_config: Any) -> None:
 
 def split_engine_kwargs(kwargs: dict[str, Any]) -> tuple[AsyncEngineArgs, FrontendArgs]:
     frontend = {key: value for key, value in kwargs.items() if key in _frontend_fields()}
-    engine = {key: value for key, value in kwargs.items() if key not in frontend}
+    engine = {key: _as_vllm_parses(key, value) for key, value in kwargs.items() if key not in frontend}
     return AsyncEngineArgs(**engine), FrontendArgs(**frontend)
+
+
+@functools.cache
+def _nested_config_classes() -> dict[str, type]:
+    """Engine arguments whose value is one of vLLM's config classes (structured_outputs_config, ...)."""
+    from vllm.engine.arg_utils import get_type_hints
+
+    classes = {}
+    for field in dataclasses.fields(AsyncEngineArgs):
+        config_class = next((hint for hint in get_type_hints(field.type) if dataclasses.is_dataclass(hint)), None)
+        if config_class is not None:
+            classes[field.name] = config_class
+    return classes
+
+
+def _as_vllm_parses(key: str, value: Any) -> Any:
+    """A mapping given for a config-class argument, made into that class as `vllm serve` makes its
+    JSON flag value (`--structured-outputs-config '{"backend": "xgrammar"}'`)."""
+    config_class = _nested_config_classes().get(key)
+    if config_class is None or not isinstance(value, dict):
+        return value
+    try:
+        return pydantic.TypeAdapter(config_class).validate_python(value)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(f"engine_kwargs.{key} is not a valid {config_class.__name__}: {exc}", param=f"engine_kwargs.{key}") from exc
 
 
 class VLLMEngine:
@@ -154,35 +180,26 @@ class VLLMEngine:
 
         return [RayPrometheusStatLogger]
 
-    def _endpoint_handlers(self) -> dict[str, tuple[pydantic.TypeAdapter, Any]]:
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-        from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
-
-        state = self._state
-        chat = getattr(state, "openai_serving_chat", None)
-        completion = getattr(state, "openai_serving_completion", None)
-        embedding = getattr(state, "serving_embedding", None)
-        handlers = {
-            "chat": (ChatCompletionRequest, chat and chat.create_chat_completion),
-            "completions": (CompletionRequest, completion and completion.create_completion),
-            "embeddings": (EmbeddingRequest, embedding),
-        }
-        return {
-            endpoint: (pydantic.TypeAdapter(request_type), handler)
-            for endpoint, (request_type, handler) in handlers.items()
-            if handler is not None
-        }
+    def _endpoint_handlers(self) -> dict[str, tuple[pydantic.TypeAdapter, Any, "_Route"]]:
+        handlers = {}
+        for endpoint, route in VLLM_ROUTES.items():
+            serving = getattr(self._state, route.serving, None)
+            if serving is None:
+                continue  # the model lacks this capability: its requests get a 400 naming the endpoint
+            handler = getattr(serving, route.method) if route.method else serving
+            handlers[endpoint] = (pydantic.TypeAdapter(_import(route.request_type)), handler, route)
+        return handlers
 
     async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> EngineOutput:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         if endpoint not in self._handlers:
             raise BadRequestError(
-                f"The model `{self._config.model_id}` does not support the {endpoint} endpoint.",
+                f"The model `{self._config.model_id}` does not support the {endpoint} endpoint "
+                f"({ENDPOINT_PATHS[endpoint]}).",
                 code="unsupported_endpoint",
             )
-        request_adapter, handler = self._handlers[endpoint]
+        request_adapter, handler, route = self._handlers[endpoint]
         try:
             request = request_adapter.validate_python(body)
         except pydantic.ValidationError as exc:
@@ -196,12 +213,12 @@ class VLLMEngine:
         if isinstance(result, ErrorResponse):
             raise error_for_status(result.error.code, result.error.message, param=result.error.param)
         if isinstance(result, pydantic.BaseModel):
-            return result.model_dump_json().encode()
+            return result.model_dump_json(by_alias=route.by_alias).encode()
         if hasattr(result, "body") and hasattr(result, "status_code"):  # a Starlette response
             if result.status_code >= 400:
                 raise error_for_status(result.status_code, result.body.decode(errors="replace"))
             return bytes(result.body)
-        return result
+        return result if route.sse_ready else _named_sse_events(result)
 
     async def load_adapter(self, model_name: str, local_dir: str) -> None:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -255,6 +272,50 @@ class VLLMEngine:
         if self._engine_client is not None:
             self._engine_client.shutdown()
             self._engine_client = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Route:
+    """How vLLM's own router serves one endpoint: the request type it validates, the
+    serving object in vLLM's app state (absent when the model lacks the capability)
+    and its method (None: the object itself is called)."""
+
+    request_type: str
+    serving: str
+    method: Optional[str] = None
+    by_alias: bool = False  # vLLM dumps these answers with their fields' aliases
+    sse_ready: bool = True  # False: it streams event objects, not SSE text
+
+
+VLLM_ROUTES: dict[str, _Route] = {
+    "chat": _Route("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest", "openai_serving_chat", "create_chat_completion"),
+    "completions": _Route("vllm.entrypoints.openai.completion.protocol:CompletionRequest", "openai_serving_completion", "create_completion"),
+    "embeddings": _Route("vllm.entrypoints.pooling.embed.protocol:EmbeddingRequest", "serving_embedding"),
+    "responses": _Route(
+        "vllm.entrypoints.openai.responses.protocol:ResponsesRequest",
+        "openai_serving_responses",
+        "create_responses",
+        by_alias=True,
+        sse_ready=False,
+    ),
+    "tokenize": _Route("vllm.entrypoints.serve.tokenize.protocol:TokenizeRequest", "serving_tokenization", "create_tokenize"),
+    "detokenize": _Route("vllm.entrypoints.serve.tokenize.protocol:DetokenizeRequest", "serving_tokenization", "create_detokenize"),
+    "score": _Route("vllm.entrypoints.pooling.scoring.protocol:ScoreRequest", "serving_scores"),
+    "rerank": _Route("vllm.entrypoints.pooling.scoring.protocol:RerankRequest", "serving_scores"),
+    "classify": _Route("vllm.entrypoints.pooling.classify.protocol:ClassificationRequest", "serving_classification"),
+    "pooling": _Route("vllm.entrypoints.pooling.pooling.protocol:PoolingRequest", "serving_pooling"),
+}
+
+
+def _import(qualified_name: str) -> Any:
+    module, _, name = qualified_name.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+async def _named_sse_events(events: Any) -> AsyncIterator[str]:
+    """Responses-API events as `vllm serve` sends them: each named by its type."""
+    async for event in events:
+        yield f"event: {getattr(event, 'type', 'unknown')}\ndata: {event.model_dump_json(by_alias=True)}\n\n"
 
 
 def _client_error_or_reraise(exc: Exception) -> Exception:

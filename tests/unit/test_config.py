@@ -133,3 +133,32 @@ def test_yaml_paths_resolve_relative_to_base_dir(tmp_path):
     assert loaded[1].model_loading_config.model_source == "hub/b"  # a hub id stays a hub id
     with pytest.raises(ConfigError, match="not found"):
         LLMServingArgs(llm_configs=["missing.yaml"]).load_configs(base_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "task, expected",
+    [("embed", {"runner": "pooling"}), ("score", {"runner": "pooling", "convert": "classify"}), ("generate", {"runner": "generate"})],
+)
+def test_the_documented_task_kwarg_is_written_as_vllms_runner(task, expected, caplog):
+    engine_kwargs = config(engine_kwargs={"task": task, "max_model_len": 64}).engine_kwargs
+    assert engine_kwargs == {"max_model_len": 64, **expected}
+
+
+def test_an_explicit_runner_wins_over_task_and_a_bad_task_is_named():
+    assert config(engine_kwargs={"task": "embed", "runner": "generate"}).engine_kwargs == {"runner": "generate"}
+    with pytest.raises(ValidationError, match="engine_kwargs.task 'embedz'"):
+        config(engine_kwargs={"task": "embedz"})
+
+
+def test_nested_engine_settings_become_vllms_config_classes_as_vllm_serve_parses_them():
+    from llmserve.errors import ConfigError
+    from llmserve.vllm_engine import split_engine_kwargs
+
+    engine_args, _ = split_engine_kwargs(
+        {"model": "m", "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}, "compilation_config": {"mode": 0}}
+    )
+    assert type(engine_args.structured_outputs_config).__name__ == "StructuredOutputsConfig"
+    assert engine_args.structured_outputs_config.disable_any_whitespace is True
+    assert type(engine_args.compilation_config).__name__ == "CompilationConfig"
+    with pytest.raises(ConfigError, match="engine_kwargs.structured_outputs_config"):
+        split_engine_kwargs({"model": "m", "structured_outputs_config": {"backend": "nope"}})

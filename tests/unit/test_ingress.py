@@ -172,3 +172,13 @@ def test_unknown_route_and_wrong_method_use_the_envelope(two_models):
 
 def test_health(two_models):
     assert call(two_models, "GET", "/health").json() == {"status": "ok"}
+
+
+def test_every_model_path_reaches_the_engine_as_its_endpoint(two_models):
+    from llmserve.engine import API_PATHS
+
+    for path, endpoint in API_PATHS.items():
+        body = chat("hi") if endpoint == "chat" else {"model": "alpha", "prompt": "hi"}
+        response = call(two_models, "POST", path, json=body)
+        assert response.status_code == 200, (path, response.text)
+        assert response.json()["endpoint"] == endpoint
