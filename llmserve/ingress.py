@@ -37,6 +37,7 @@ from llmserve.errors import (
     NotFoundError,
 )
 from llmserve.front_door import FrontDoor, HttpRequest, Upstream
+from llmserve.logs import log_into_serve_replica_log
 from llmserve.relay import ReplicaRelay, adapter_of, start_http_server
 from llmserve.responses import REQUEST_ID_HEADER, SSE_DONE, ApiRequest, backend_failure, error_response
 from llmserve.routing import ModelRouter
@@ -206,6 +207,7 @@ class OpenAiIngress:
     """
 
     async def __init__(self, llm_deployments: list[Any], front_door: Optional[dict[str, Any]] = None):
+        log_into_serve_replica_log()
         configs = await asyncio.gather(*(handle.llm_config.remote() for handle in llm_deployments))
         self._router = ModelRouter(
             {config.model_id: ReplicaRelay(handle) for config, handle in zip(configs, llm_deployments)}

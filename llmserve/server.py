@@ -25,6 +25,7 @@ from llmserve.config import LLMConfig
 from llmserve.engine import Endpoint, Engine
 from llmserve.errors import EngineError, LLMServeError, ModelNotFoundError
 from llmserve.adapters import AdapterStore, LoadedAdapters
+from llmserve.logs import log_into_serve_replica_log
 from llmserve.relay import ReplicaDataPlane
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class LLMServer:
     """Serves one model on one replica; Serve scales it by replicas."""
 
     async def __init__(self, llm_config: Union[LLMConfig, dict], *, engine_cls: Optional[type[Engine]] = None):
+        log_into_serve_replica_log()
         self._config = LLMConfig.model_validate(llm_config)
         self._active_streams = 0
         self._engine = (engine_cls or _default_engine_cls())(self._config)

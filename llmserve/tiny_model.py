@@ -47,7 +47,16 @@ def make_tiny_model(path: str | Path, *, seed: int = 0, vocab_size: int = 2048) 
     return path
 
 
-def _save_tokenizer(path: Path, vocab_size: int) -> None:
+def _save_tokenizer(
+    path: Path,
+    vocab_size: int,
+    *,
+    special_tokens: list[str] = SPECIAL_TOKENS,
+    added_tokens: list[str] = (),
+    chat_template: str = CHAT_TEMPLATE,
+) -> None:
+    """A byte-level BPE tokenizer trained on a small corpus; ``added_tokens`` are whole
+    tokens that are not special (they stay in decoded text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -56,11 +65,12 @@ def _save_tokenizer(path: Path, vocab_size: int) -> None:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator([_CORPUS] * 50, trainer=trainer)
+    tokenizer.add_tokens(list(added_tokens))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",
@@ -68,7 +78,7 @@ def _save_tokenizer(path: Path, vocab_size: int) -> None:
         unk_token="<unk>",
         pad_token="</s>",
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(path)
 
 

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import functools
 import importlib
+import json
 import logging
 import os
 import subprocess
@@ -138,7 +139,8 @@ class VLLMEngine:
         self._aborted = 0
         self._engine_client = None
         self._state = State()
-        self._handlers: dict[str, tuple[pydantic.TypeAdapter, Any]] = {}
+        self._handlers: dict[str, tuple[pydantic.TypeAdapter, Any, _Route]] = {}
+        self._parses_reasoning = False
 
     async def start(self) -> None:
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -154,6 +156,7 @@ class VLLMEngine:
         _bound_engine_spin_waits()
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
         _fork_engine_workers(vllm_config)
+        self._parses_reasoning = bool(vllm_config.structured_outputs_config.reasoning_parser)
         self._engine_client = AsyncLLM.from_vllm_config(
             vllm_config=vllm_config,
             usage_context=UsageContext.OPENAI_API_SERVER,
@@ -201,7 +204,7 @@ class VLLMEngine:
             )
         request_adapter, handler, route = self._handlers[endpoint]
         try:
-            request = request_adapter.validate_python(body)
+            request = request_adapter.validate_python(_with_named_json_schema(body))
         except pydantic.ValidationError as exc:
             raise _bad_request_from(exc) from exc
         except ValueError as exc:
@@ -212,6 +215,8 @@ class VLLMEngine:
             raise _client_error_or_reraise(exc) from exc
         if isinstance(result, ErrorResponse):
             raise error_for_status(result.error.code, result.error.message, param=result.error.param)
+        if endpoint == "chat" and self._parses_reasoning:
+            result = _with_reasoning_content(result)
         if isinstance(result, pydantic.BaseModel):
             return result.model_dump_json(by_alias=route.by_alias).encode()
         if hasattr(result, "body") and hasattr(result, "status_code"):  # a Starlette response
@@ -305,6 +310,52 @@ VLLM_ROUTES: dict[str, _Route] = {
     "classify": _Route("vllm.entrypoints.pooling.classify.protocol:ClassificationRequest", "serving_classification"),
     "pooling": _Route("vllm.entrypoints.pooling.pooling.protocol:PoolingRequest", "serving_pooling"),
 }
+
+
+def _with_named_json_schema(body: dict[str, Any]) -> dict[str, Any]:
+    """The body with a bare JSON schema as ``response_format.json_schema`` wrapped as OpenAI's
+    ``{name, schema}``.
+
+    ray.serve.llm's documentation passes a pydantic model's schema itself
+    (``"json_schema": Color.model_json_schema()``), which its own request
+    type accepted and vLLM's rejects for want of a name.
+    """
+    response_format = body.get("response_format")
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return body
+    schema = response_format.get("json_schema")
+    if not isinstance(schema, dict) or "schema" in schema or "name" in schema:
+        return body
+    if not {"type", "properties", "$defs", "anyOf", "oneOf", "enum"} & schema.keys():
+        return body
+    named = {"name": str(schema.get("title") or "response"), "schema": schema}
+    return {**body, "response_format": {**response_format, "json_schema": named}}
+
+
+def _with_reasoning_content(result: Any) -> Any:
+    """A chat answer whose reasoning is also under ``reasoning_content``, in messages and stream deltas.
+
+    vLLM 0.32 names the parsed reasoning ``reasoning``; clients written for
+    ray.serve.llm and DeepSeek's API read ``reasoning_content``.
+    """
+    if isinstance(result, pydantic.BaseModel):
+        for choice in getattr(result, "choices", []):
+            if getattr(choice.message, "reasoning", None) is not None:
+                choice.message.reasoning_content = choice.message.reasoning
+        return result
+    return _stream_with_reasoning_content(result)
+
+
+async def _stream_with_reasoning_content(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    async for event in events:
+        if '"reasoning":' in event and event.startswith("data: {"):
+            chunk = json.loads(event[len("data: "):])
+            for choice in chunk.get("choices", []):
+                delta = choice.get("delta") or {}
+                if delta.get("reasoning") is not None:
+                    delta["reasoning_content"] = delta["reasoning"]
+            event = f"data: {json.dumps(chunk, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        yield event
 
 
 def _import(qualified_name: str) -> Any:

@@ -15,3 +15,14 @@ TEST_ENGINE_KWARGS = {"max_model_len": 512, "kv_cache_memory_bytes": 64 * 1024**
 def tiny_model_paths() -> dict[str, str]:
     """Two tiny models with different weights, kept under the repo's models/ folder."""
     return {name: str(make_tiny_model(REPO / "models" / f"tiny-llama-seed{seed}", seed=seed)) for seed, name in enumerate(["tiny-a", "tiny-b"])}
+
+
+@pytest.fixture(scope="session")
+def example_model_paths() -> dict[str, str]:
+    """The default example's real models (SmolLM2, MiniLM) and a cross-encoder made from MiniLM."""
+    from llmserve.example_models import MINILM, SMOLLM2, make_all
+    from llmserve.tiny_model import make_cross_encoder
+
+    made = make_all(REPO / "models")
+    cross_encoder = make_cross_encoder(made[MINILM], REPO / "models" / "tiny-cross-encoder")
+    return {"smollm2": str(made[SMOLLM2]), "minilm": str(made[MINILM]), "cross-encoder": str(cross_encoder)}

