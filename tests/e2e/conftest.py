@@ -61,7 +61,7 @@ def tiny_config(model_id: str, path: str, **overrides):
 
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": path},
-        engine_kwargs=dict(TEST_ENGINE_KWARGS),
+        engine_kwargs={**TEST_ENGINE_KWARGS, **overrides.pop("engine_kwargs", {})},
         **overrides,
     )
 

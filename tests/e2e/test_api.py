@@ -24,15 +24,25 @@ from tests.e2e.conftest import tiny_config, wait_for_http
 PROMPT = "Tell me a story about a dragon"
 
 
-POOLING_ENGINE_KWARGS = {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 1024**2}
+POOLING_ENGINE_KWARGS = {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 1024**2, "enforce_eager": True}
 
 
 @pytest.fixture(scope="module")
 def base_url(serve_port, tiny_model_paths, example_model_paths):
     configs = [tiny_config(model_id, path) for model_id, path in tiny_model_paths.items()]
     configs += [
-        LLMConfig(model_loading_config={"model_id": model_id, "model_source": example_model_paths[model_id]}, engine_kwargs=POOLING_ENGINE_KWARGS)
-        for model_id in ("minilm", "cross-encoder")
+        # ray.serve.llm's documented embedding config, verbatim but for the model and eager
+        # mode (compiling costs a minute of this machine's CPU): `task` and VLLM_USE_V1 are
+        # from older vLLMs (`task` is mapped, the variable is ignored).
+        LLMConfig(
+            model_loading_config=dict(model_id="minilm", model_source=example_model_paths["minilm"]),
+            engine_kwargs=dict(task="embed", enforce_eager=True),
+            runtime_env=dict(env_vars={"VLLM_USE_V1": "0"}),
+        ),
+        LLMConfig(
+            model_loading_config={"model_id": "cross-encoder", "model_source": example_model_paths["cross-encoder"]},
+            engine_kwargs=POOLING_ENGINE_KWARGS,
+        ),
     ]
     serve.run(build_openai_app({"llm_configs": configs}), name="main", route_prefix="/")
     url = f"http://127.0.0.1:{serve_port}"
@@ -106,6 +116,16 @@ def test_greedy_output_equals_offline_vllm(client, tiny_model_paths):
 
 def test_every_endpoint_behind_serves_proxy(base_url):
     surface.check_every_endpoint(base_url, chat_model="tiny-a", embed_model="minilm", cross_encoder="cross-encoder")
+
+
+def test_the_documented_embedding_client(client):
+    """ray.serve.llm's embedding client example, against its server config (the fixture's `minilm`)."""
+    response = client.embeddings.create(model="minilm", input=["A text to embed", "Another text to embed"])
+    assert [len(data.embedding) for data in response.data] == [384, 384]
+
+
+def test_sampling_options_behind_serves_proxy(base_url):
+    surface.check_sampling_options(base_url, "tiny-a")
 
 
 def test_sampling_parameters_reach_the_engine(client):

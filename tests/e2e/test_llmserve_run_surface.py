@@ -2,8 +2,8 @@
 
 One `llmserve run` serves the default example's models (SmolLM2 and MiniLM,
 examples/config.yaml's settings, run eagerly: compiling SmolLM2 costs minutes
-of this machine's CPU) beside a cross-encoder and the scripted model (exact
-reasoning and tool calls). It starts its own local Ray, as a user's would.
+of this machine's CPU) beside a cross-encoder, the scripted model (exact
+reasoning and tool calls) and a tiny vision-language model. It starts its own local Ray, as a user's would.
 """
 
 from pathlib import Path
@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from llmserve.scripted_model import AFTER_TOOL, ANSWER, REASONING, TOOL_CALL, make_scripted_model
+from llmserve.tiny_model import make_tiny_vlm
 from tests.conftest import REPO, TEST_ENGINE_KWARGS
 from tests.e2e import surface
 from tests.e2e.conftest import BIN, free_port, start, stop, wait_for_line
@@ -47,11 +48,12 @@ def example_models() -> list[dict]:
     return models
 
 
-def surface_config(example_model_paths: dict, scripted_path: str, port: int) -> dict:
+def surface_config(example_model_paths: dict, scripted_path: str, vlm_path: str, port: int) -> dict:
     pooling = {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 1024**2, "enforce_eager": True}
     models = example_models() + [
         {"model_loading_config": {"model_id": "cross-encoder", "model_source": example_model_paths["cross-encoder"]}, "engine_kwargs": pooling},
         {"model_loading_config": {"model_id": "scripted", "model_source": scripted_path}, "engine_kwargs": SCRIPTED_ENGINE_KWARGS},
+        {"model_loading_config": {"model_id": "vlm", "model_source": vlm_path}, "engine_kwargs": TEST_ENGINE_KWARGS},
     ]
     application = {"name": "llm_app", "route_prefix": "/", "import_path": "llmserve:build_openai_app", "args": {"llm_configs": models}}
     return {"http_options": {"host": "127.0.0.1", "port": port}, "applications": [application]}
@@ -62,7 +64,8 @@ def running(example_model_paths, tmp_path_factory):
     folder = tmp_path_factory.mktemp("surface")
     port = free_port()
     scripted = str(make_scripted_model(REPO / "models" / "scripted"))
-    (folder / "config.yaml").write_text(yaml.safe_dump(surface_config(example_model_paths, scripted, port)))
+    vlm = str(make_tiny_vlm(REPO / "models" / "tiny-vlm"))
+    (folder / "config.yaml").write_text(yaml.safe_dump(surface_config(example_model_paths, scripted, vlm, port)))
     log_path = folder / "llmserve.log"
     process, log = start([str(BIN / "llmserve"), "run", "config.yaml"], folder, log_path)
     try:
@@ -130,6 +133,14 @@ def test_sampling_options(base_url):
     surface.check_sampling_options(base_url, "smollm2")
 
 
+def test_structured_outputs(base_url):
+    surface.check_structured_outputs(base_url, "smollm2")
+
+
+def test_the_documented_json_mode_clients(base_url):
+    surface.check_seed_structured_output(base_url, "smollm2")
+
+
 def test_reasoning_is_parsed_and_named_both_ways(base_url):
     surface.check_reasoning(base_url, "scripted", reasoning=REASONING, answer=ANSWER)
 
@@ -144,3 +155,24 @@ def test_langchain_chat_and_embeddings(base_url):
 
 def test_openai_agents_sdk_runs_a_tool_call_round_trip(base_url):
     surface.check_agents_sdk_tool_round_trip(base_url, "scripted", expected_city=TOOL_CALL["arguments"]["city"], final_answer=AFTER_TOOL)
+
+
+@pytest.fixture(scope="module")
+def red_png_url(tmp_path_factory):
+    """A red PNG on a local HTTP server, for image_url parts vLLM fetches itself."""
+    import base64
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path_factory.mktemp("images")
+    (folder / "red.png").write_bytes(base64.b64decode(surface.png_data_url("red").split(",", 1)[1]))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/red.png"
+    server.shutdown()
+
+
+def test_vision_with_data_and_http_image_urls(base_url, red_png_url):
+    surface.check_vision(base_url, "vlm", red_png_url=red_png_url)

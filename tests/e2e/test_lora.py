@@ -199,6 +199,8 @@ def test_adapters_from_s3_on_two_replicas_stay_with_the_replica_that_holds_them(
         "s3://adapters/tiny-a",
         deployment_config={"num_replicas": 2},
         runtime_env={"env_vars": {**s3_adapters, "XDG_CACHE_HOME": str(tmp_path)}},
+        # As ray.serve.llm's LoRA example writes them (llmserve sets both from lora_config itself).
+        engine_kwargs=dict(enable_lora=True, max_loras=2),
     )
     serve.run(build_openai_app({"llm_configs": [config]}), name="lora-s3", route_prefix="/lora-s3")
     url = f"http://127.0.0.1:{serve_port}/lora-s3"

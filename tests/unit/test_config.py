@@ -148,27 +148,3 @@ def test_an_explicit_runner_wins_over_task_and_a_bad_task_is_named():
     assert config(engine_kwargs={"task": "embed", "runner": "generate"}).engine_kwargs == {"runner": "generate"}
     with pytest.raises(ValidationError, match="engine_kwargs.task 'embedz'"):
         config(engine_kwargs={"task": "embedz"})
-
-
-def test_nested_engine_settings_become_vllms_config_classes_as_vllm_serve_parses_them():
-    from llmserve.errors import ConfigError
-    from llmserve.vllm_engine import split_engine_kwargs
-
-    engine_args, _ = split_engine_kwargs(
-        {"model": "m", "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}, "compilation_config": {"mode": 0}}
-    )
-    assert type(engine_args.structured_outputs_config).__name__ == "StructuredOutputsConfig"
-    assert engine_args.structured_outputs_config.disable_any_whitespace is True
-    assert type(engine_args.compilation_config).__name__ == "CompilationConfig"
-    with pytest.raises(ConfigError, match="engine_kwargs.structured_outputs_config"):
-        split_engine_kwargs({"model": "m", "structured_outputs_config": {"backend": "nope"}})
-
-
-def test_a_bare_json_schema_in_response_format_is_given_a_name_as_ray_serve_llm_accepted_it():
-    from llmserve.vllm_engine import _with_named_json_schema
-
-    schema = {"properties": {"colors": {"type": "array"}}, "required": ["colors"], "title": "Color", "type": "object"}
-    body = {"model": "m", "response_format": {"type": "json_schema", "json_schema": schema}}
-    assert _with_named_json_schema(body)["response_format"]["json_schema"] == {"name": "Color", "schema": schema}
-    openai_shape = {"model": "m", "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}}
-    assert _with_named_json_schema(openai_shape) is openai_shape

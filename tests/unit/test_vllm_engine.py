@@ -1,0 +1,63 @@
+"""The vLLM engine's request and config shims, on vLLM's real classes (no engine started)."""
+
+import asyncio
+import json
+
+import pytest
+
+from llmserve.errors import ConfigError
+
+
+def test_nested_engine_settings_become_vllms_config_classes_as_vllm_serve_parses_them():
+    from llmserve.vllm_engine import split_engine_kwargs
+
+    engine_args, _ = split_engine_kwargs(
+        {"model": "m", "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}, "compilation_config": {"mode": 0}}
+    )
+    assert type(engine_args.structured_outputs_config).__name__ == "StructuredOutputsConfig"
+    assert engine_args.structured_outputs_config.disable_any_whitespace is True
+    assert type(engine_args.compilation_config).__name__ == "CompilationConfig"
+    with pytest.raises(ConfigError, match="engine_kwargs.structured_outputs_config"):
+        split_engine_kwargs({"model": "m", "structured_outputs_config": {"backend": "nope"}})
+
+
+def test_a_bare_json_schema_in_response_format_is_given_a_name_as_ray_serve_llm_accepted_it():
+    from llmserve.vllm_engine import _with_named_json_schema
+
+    schema = {"properties": {"colors": {"type": "array"}}, "required": ["colors"], "title": "Color", "type": "object"}
+    body = {"model": "m", "response_format": {"type": "json_schema", "json_schema": schema}}
+    assert _with_named_json_schema(body)["response_format"]["json_schema"] == {"name": "Color", "schema": schema}
+    openai_shape = {"model": "m", "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}}
+    assert _with_named_json_schema(openai_shape) is openai_shape
+
+
+def test_reasoning_is_mirrored_as_reasoning_content_in_stream_deltas_only_where_present():
+    from llmserve.vllm_engine import _with_reasoning_content
+
+    async def events():
+        yield 'data: {"choices":[{"index":0,"delta":{"reasoning":"Let me think."}}]}\n\n'
+        yield 'data: {"choices":[{"index":0,"delta":{"content":"42"}}]}\n\n'
+        yield "data: [DONE]\n\n"
+
+    async def collect():
+        return [event async for event in _with_reasoning_content(events())]
+
+    first, second, done = asyncio.run(collect())
+    assert json.loads(first[len("data: "):])["choices"][0]["delta"] == {"reasoning": "Let me think.", "reasoning_content": "Let me think."}
+    assert second == 'data: {"choices":[{"index":0,"delta":{"content":"42"}}]}\n\n' and done == "data: [DONE]\n\n"
+
+
+def test_reasoning_is_mirrored_in_whole_chat_answers():
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
+
+    from llmserve.vllm_engine import _with_reasoning_content
+
+    answer = ChatCompletionResponse.model_validate(
+        {
+            "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "42", "reasoning": "Let me think."}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+    )
+    message = json.loads(_with_reasoning_content(answer).model_dump_json())["choices"][0]["message"]
+    assert message["reasoning"] == message["reasoning_content"] == "Let me think."
