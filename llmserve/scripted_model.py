@@ -7,8 +7,9 @@ next. The chat template ends the prompt with a token that picks the chain:
 - a plain chat: ``<think>Let me think step by step.</think>The answer is 42.``
   (with ``chat_template_kwargs: {enable_thinking: false}``: only the answer);
 - a chat offering tools: ``<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>``;
-- a chat whose last message is a tool's result: ``It is sunny in Paris.`` (the
-  prompt closes the reasoning, so a reasoning parser reads it as content).
+- a chat whose last message is a tool's result: ``</think>The answer is 42.``
+  (the closing tag tells a reasoning parser that what follows is the answer:
+  vLLM's Responses API reads an answer without it as reasoning).
 
 Each piece is one added token, so a reasoning parser (``qwen3``) and a tool
 parser (``hermes``) see exactly what real models emit, and tests can assert
@@ -33,22 +34,22 @@ REASONING = "Let me think step by step."
 ANSWER = "The answer is 42."
 TOOL_CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
 TOOL_CALL_JSON = json.dumps(TOOL_CALL, separators=(",", ":"))
-AFTER_TOOL = "It is sunny in Paris."
 
 _SPECIAL = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|call|>", "<|answer|>"]
-_ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>", REASONING, ANSWER, TOOL_CALL_JSON, AFTER_TOOL]
-# Each token's successor; "</s>" ends the answer.
+_ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>", REASONING, ANSWER, TOOL_CALL_JSON]
+# Each token's successor; "</s>" ends the answer. A token has one successor, so
+# the answer after a tool's result shares the plain chat's ending.
 _CHAINS = [
     ["<|assistant|>", "<think>", REASONING, "</think>", ANSWER, "</s>"],
     ["<|call|>", "<tool_call>", TOOL_CALL_JSON, "</tool_call>", "</s>"],
-    ["<|answer|>", AFTER_TOOL, "</s>"],
+    ["<|answer|>", "</think>"],
 ]
 _TEMPLATE = (
     "{%- for message in messages -%}"
     "<|{{ message['role'] }}|>{{ message['content'] if message['content'] is string else '' }}</s>"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
-    "{%- if messages[-1]['role'] == 'tool' -%}<think></think><|answer|>"
+    "{%- if messages[-1]['role'] == 'tool' -%}<|answer|>"
     "{%- elif tools -%}<|call|>"
     "{%- elif enable_thinking is defined and not enable_thinking -%}<|assistant|><think></think>"
     "{%- else -%}<|assistant|>"
@@ -61,7 +62,7 @@ _HIDDEN = 128
 def make_scripted_model(path: str | Path) -> Path:
     """Write the scripted model to ``path`` (skipped when it is already there)."""
     path = Path(path)
-    fingerprint = {"scripted": True, "version": 2}
+    fingerprint = {"scripted": True, "version": 3}
     marker = path / _FINGERPRINT_FILE
     if marker.exists() and json.loads(marker.read_text()) == fingerprint:
         return path

@@ -248,9 +248,10 @@ def check_agents_sdk_tool_round_trip(base_url, model, *, expected_city, final_an
 
 
 def check_seed_structured_output(base_url, model):
-    """ray.serve.llm's documented JSON-mode clients, verbatim but for the model, greedy decoding
-    and a token bound (sampled, a small model's JSON sometimes runs past any bound): a
-    json_object stream, and a stream for a pydantic model's bare schema."""
+    """ray.serve.llm's documented JSON-mode clients, verbatim but for the model, a token bound,
+    greedy decoding and a frequency penalty (sampled, or greedy without the penalty, a 135M
+    model's JSON list can run on past any bound): a json_object stream, and a stream for
+    a pydantic model's bare schema."""
     from typing import List, Literal
 
     from pydantic import BaseModel
@@ -263,7 +264,7 @@ def check_seed_structured_output(base_url, model):
 
     def streamed(response_format):
         response = sdk.chat.completions.create(
-            model=model, response_format=response_format, messages=messages, stream=True, max_tokens=300, temperature=0
+            model=model, response_format=response_format, messages=messages, stream=True, max_tokens=300, temperature=0, frequency_penalty=1.0
         )
         return "".join(chunk.choices[0].delta.content or "" for chunk in response if chunk.choices)
 

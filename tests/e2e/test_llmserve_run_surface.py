@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from llmserve.scripted_model import AFTER_TOOL, ANSWER, REASONING, TOOL_CALL, make_scripted_model
+from llmserve.scripted_model import ANSWER, REASONING, TOOL_CALL, make_scripted_model
 from llmserve.tiny_model import make_tiny_vlm
 from tests.conftest import REPO, TEST_ENGINE_KWARGS
 from tests.e2e import surface
@@ -154,7 +154,7 @@ def test_langchain_chat_and_embeddings(base_url):
 
 
 def test_openai_agents_sdk_runs_a_tool_call_round_trip(base_url):
-    surface.check_agents_sdk_tool_round_trip(base_url, "scripted", expected_city=TOOL_CALL["arguments"]["city"], final_answer=AFTER_TOOL)
+    surface.check_agents_sdk_tool_round_trip(base_url, "scripted", expected_city=TOOL_CALL["arguments"]["city"], final_answer=ANSWER)
 
 
 @pytest.fixture(scope="module")
