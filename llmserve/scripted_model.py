@@ -62,7 +62,7 @@ _HIDDEN = 128
 def make_scripted_model(path: str | Path) -> Path:
     """Write the scripted model to ``path`` (skipped when it is already there)."""
     path = Path(path)
-    fingerprint = {"scripted": True, "version": 3}
+    fingerprint = {"scripted": True, "version": 4}
     marker = path / _FINGERPRINT_FILE
     if marker.exists() and json.loads(marker.read_text()) == fingerprint:
         return path
@@ -77,9 +77,10 @@ def _save_weights(path: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    token_id = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    token_id = tokenizer.convert_tokens_to_ids
     config = LlamaConfig(
-        vocab_size=len(AutoTokenizer.from_pretrained(path)),
+        vocab_size=len(tokenizer),
         hidden_size=_HIDDEN,
         intermediate_size=256,
         num_hidden_layers=2,
@@ -94,16 +95,21 @@ def _save_weights(path: Path) -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     chain_tokens = sorted({token_id(token) for chain in _CHAINS for token in chain})
+    embeddings, output = model.model.embed_tokens.weight, model.lm_head.weight
     with torch.no_grad():
         for layer in model.model.layers:  # the residual stream is then the current token's embedding
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
-        # Orthonormal embeddings for the chain's tokens: each one's logits are exact.
-        basis, _ = torch.linalg.qr(torch.randn(_HIDDEN, len(chain_tokens)))
+        # Dimension 0 is the same for every token: through it "</s>" gets a small logit
+        # everywhere, so where no chain goes on (after text a grammar forced) the answer ends.
+        embeddings[:, 0] = 1.0
+        # The other dimensions of the chain's tokens are orthonormal: their logits are exact.
+        basis, _ = torch.linalg.qr(torch.randn(_HIDDEN - 1, len(chain_tokens)))
         for column, token in enumerate(chain_tokens):
-            model.model.embed_tokens.weight[token] = basis[:, column]
-        model.lm_head.weight.zero_()
+            embeddings[token, 1:] = basis[:, column]
+        output.zero_()
+        output[token_id("</s>"), 0] = 0.3
         for chain in _CHAINS:
             for current, following in zip(chain, chain[1:]):
-                model.lm_head.weight[token_id(following)] += model.model.embed_tokens.weight[token_id(current)] * 2
+                output[token_id(following), 1:] += embeddings[token_id(current), 1:] * 2
     model.save_pretrained(path, safe_serialization=True)
