@@ -17,10 +17,10 @@ how it ended (``K``: complete, the connection can carry the next request;
 ``C``: cut short, close it). The front door closing the Unix connection
 tells the replica the client left, which aborts the request in the engine.
 
-Replicas listen on an abstract Unix socket named after their HTTP address, so
-only processes in the node's network namespace can reach it, like the
-replica's port itself; a replica on another node is not found and the front
-door splices bytes over TCP instead.
+Replicas listen on an abstract Unix socket named after their Ray node and HTTP
+address, so only processes of that node (in its network namespace) can reach
+it; a replica on another node is not found and the front door splices bytes
+over TCP instead.
 """
 
 from __future__ import annotations
@@ -44,8 +44,29 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 413: "Payload Too L
 
 
 def address_for(host: str, port: int) -> str:
-    """The abstract Unix socket of the replica whose HTTP server is at host:port."""
-    return f"\0llmserve-handoff-{host}:{port}"
+    """The abstract Unix socket of the replica on this Ray node whose HTTP server is at host:port.
+
+    The name holds the node's id, so a front door finds only replicas of its own
+    node, even where several Ray nodes share one machine (and its abstract
+    socket names): one on another node gets its bytes spliced over TCP.
+    """
+    return f"\0llmserve-handoff-{_this_node()}-{host}:{port}"
+
+
+_ray_node_id: Optional[str] = None  # a process stays on its node: asked once
+
+
+def _this_node() -> str:
+    global _ray_node_id
+    if _ray_node_id is None:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                _ray_node_id = ray.get_runtime_context().get_node_id()
+        except Exception:  # outside Ray: this process's machine is the node
+            pass
+    return _ray_node_id or "local"
 
 
 class HandoffListener:

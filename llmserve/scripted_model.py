@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmserve.tiny_model import _FINGERPRINT_FILE, _save_tokenizer
+from llmserve.tiny_model import _FINGERPRINT_FILE, TINY_HIDDEN, _save_tokenizer, tiny_llama_config
 
 REASONING = "Let me think step by step."
 ANSWER = "The answer is 42."
@@ -56,7 +56,6 @@ _TEMPLATE = (
     "{%- endif -%}"
     "{%- endif -%}"
 )
-_HIDDEN = 128
 
 
 def make_scripted_model(path: str | Path) -> Path:
@@ -75,23 +74,12 @@ def make_scripted_model(path: str | Path) -> Path:
 
 def _save_weights(path: Path) -> None:
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     token_id = tokenizer.convert_tokens_to_ids
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=_HIDDEN,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        torch_dtype="float32",
-    )
+    # The default init: small random embeddings for the tokens off the chains.
+    config = tiny_llama_config(len(tokenizer), initializer_range=0.02)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     chain_tokens = sorted({token_id(token) for chain in _CHAINS for token in chain})
@@ -104,7 +92,7 @@ def _save_weights(path: Path) -> None:
         # everywhere, so where no chain goes on (after text a grammar forced) the answer ends.
         embeddings[:, 0] = 1.0
         # The other dimensions of the chain's tokens are orthonormal: their logits are exact.
-        basis, _ = torch.linalg.qr(torch.randn(_HIDDEN - 1, len(chain_tokens)))
+        basis, _ = torch.linalg.qr(torch.randn(TINY_HIDDEN - 1, len(chain_tokens)))
         for column, token in enumerate(chain_tokens):
             embeddings[token, 1:] = basis[:, column]
         output.zero_()

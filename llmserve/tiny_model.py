@@ -31,6 +31,7 @@ _CORPUS = (
     "Streaming responses arrive token by token over server-sent events. Ünïcödé façade naïve 你好 🙂 "
 )
 _FINGERPRINT_FILE = "llmserve_tiny_model.json"
+TINY_HIDDEN = 128
 
 
 def make_tiny_model(path: str | Path, *, seed: int = 0, vocab_size: int = 2048) -> Path:
@@ -82,13 +83,13 @@ def _save_tokenizer(
     fast.save_pretrained(path)
 
 
-def _save_weights(path: Path, seed: int, vocab_size: int) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(vocab_size: int, **overrides):
+    """The tiny Llama's shape (head_dim 64, which vLLM's CPU attention takes); wide random init."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    shape = dict(
         vocab_size=vocab_size,
-        hidden_size=128,
+        hidden_size=TINY_HIDDEN,
         intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -100,8 +101,15 @@ def _save_weights(path: Path, seed: int, vocab_size: int) -> None:
         eos_token_id=2,
         torch_dtype="float32",
     )
+    return LlamaConfig(**{**shape, **overrides})
+
+
+def _save_weights(path: Path, seed: int, vocab_size: int) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size))
     model.save_pretrained(path, safe_serialization=True)
 
 
@@ -178,26 +186,14 @@ def make_tiny_vlm(path: str | Path, *, seed: int = 0) -> Path:
     if marker.exists() and json.loads(marker.read_text()) == fingerprint:
         return path
     import torch
-    from transformers import AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
+    from transformers import AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration
     from transformers.models.idefics3 import Idefics3ImageProcessorPil, Idefics3Processor
 
     image_tokens = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
     tiles = ["<global-img>"] + [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)]
     _save_tokenizer(path, 2048, special_tokens=SPECIAL_TOKENS + image_tokens, added_tokens=tiles, chat_template=VLM_CHAT_TEMPLATE)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    text = tiny_llama_config(len(tokenizer))
     vision = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 56, "patch_size": 14}
     config = Idefics3Config(
         text_config=text.to_dict(), vision_config=vision, scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=2
