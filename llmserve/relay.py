@@ -307,6 +307,11 @@ class ReplicaDataPlane:
         finally:
             self.leases_held -= 1
 
+    @property
+    def handoffs_taken(self) -> int:
+        """Requests that came with their client's socket (from a front door on this node)."""
+        return self._handoff.taken if self._handoff is not None else 0
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self._app(scope, receive, send)

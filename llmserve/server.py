@@ -153,6 +153,7 @@ class LLMServer:
 
     async def engine_stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = dict(await self._engine.stats())
+        stats["requests_handed_off"] = self._data_plane.handoffs_taken
         if self._adapters is not None:
             stats.update(adapters_held=self._adapters.held, adapter_loads=self._adapters.loads, adapter_evictions=self._adapters.evictions)
         return stats

@@ -1,9 +1,10 @@
-"""The front door on one Ray node, the models on another: every endpoint through the splice path.
+"""The front door on one Ray node, models on another: every endpoint through the splice path.
 
 `ray.cluster_utils.Cluster` starts two Ray nodes on this machine. The ingress
-(with the front door, as under `llmserve run`) runs on the first, the model
-replicas on the second; a front door hands a client's socket only to replicas
-of its own node, so here every answer is spliced from the replica over TCP.
+(with the front door, as under `llmserve run`) runs on the first with the
+cross-encoder, the other models on the second. A front door hands a client's
+socket only to replicas of its own node: the cross-encoder's answers are
+handed off, every other answer is spliced from its replica over TCP.
 """
 
 import json
@@ -20,6 +21,7 @@ from tests.e2e import surface
 from tests.e2e.conftest import free_port, tiny_config, wait_for_http
 
 ON_MODEL_NODE = {"ray_actor_options": {"resources": {"models": 0.01}}}
+ON_FRONT_NODE = {"ray_actor_options": {"resources": {"front": 0.01}}}
 POOLING = {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 1024**2, "enforce_eager": True}
 
 
@@ -40,9 +42,9 @@ def base_url(tiny_model_paths, example_model_paths):
             {
                 "model_loading_config": {"model_id": model_id, "model_source": example_model_paths[model_id]},
                 "engine_kwargs": POOLING,
-                "deployment_config": ON_MODEL_NODE,
+                "deployment_config": node,
             }
-            for model_id in ("minilm", "cross-encoder")
+            for model_id, node in (("minilm", ON_MODEL_NODE), ("cross-encoder", ON_FRONT_NODE))
         ]
         args = {"llm_configs": configs, "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0, "resources": {"front": 0.01}}}}
         serve.run(build_openai_app_at(args, base_dir=None, front_door={"host": "127.0.0.1", "port": port}), name="two-nodes", route_prefix="/")
@@ -57,19 +59,26 @@ def base_url(tiny_model_paths, example_model_paths):
         os.environ.update(saved_environment)
 
 
-def test_the_ingress_and_the_models_run_on_different_nodes(base_url):
+def test_the_models_run_where_they_were_placed(base_url):
     from ray.util.state import list_actors
 
     nodes = {}
     for actor in list_actors(filters=[("state", "=", "ALIVE")]):
         if actor.class_name.startswith("ServeReplica:two-nodes:"):
-            nodes.setdefault(actor.class_name.split(":")[-1], set()).add(actor.node_id)
-    front = nodes.pop("OpenAiIngress")
-    assert len(front) == 1 and nodes and all(model_nodes.isdisjoint(front) for model_nodes in nodes.values())
+            nodes.setdefault(actor.class_name.removeprefix("ServeReplica:two-nodes:"), set()).add(actor.node_id)
+    front = nodes["OpenAiIngress"]
+    assert len(front) == 1 and nodes["LLMServer:cross-encoder"] == front
+    assert nodes["LLMServer:tiny-a"].isdisjoint(front) and nodes["LLMServer:minilm"].isdisjoint(front)
 
 
 def test_every_endpoint_through_the_splice(base_url):
     surface.check_every_endpoint(base_url, chat_model="tiny-a", embed_model="minilm", cross_encoder="cross-encoder")
+    handed_off = {
+        model_id: serve.get_deployment_handle(f"LLMServer:{model_id}", app_name="two-nodes").engine_stats.remote().result()["requests_handed_off"]
+        for model_id in ("tiny-a", "minilm", "cross-encoder")
+    }
+    # The front door's node took the client's socket; the other node's answers were spliced.
+    assert handed_off["cross-encoder"] > 0 and handed_off["tiny-a"] == handed_off["minilm"] == 0
 
 
 def test_streams_and_errors_through_the_splice(base_url):
