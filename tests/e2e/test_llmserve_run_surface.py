@@ -1,8 +1,7 @@
 """The whole OpenAI surface under `llmserve run`, the path users run (front door + socket handoff).
 
 One `llmserve run` serves the default example's models (SmolLM2 and MiniLM,
-examples/config.yaml's settings, run eagerly: compiling SmolLM2 costs minutes
-of this machine's CPU) beside a cross-encoder, the scripted model (exact
+exactly as examples/config.yaml configures them) beside a cross-encoder, the scripted model (exact
 reasoning and tool calls) and a tiny vision-language model. It starts its own local Ray, as a user's would.
 """
 
@@ -33,7 +32,7 @@ SCRIPTED_ENGINE_KWARGS = {
 
 
 def example_models() -> list[dict]:
-    """examples/config.yaml's model configs, inline, with absolute paths, run eagerly."""
+    """examples/config.yaml's model configs, inline, with absolute paths."""
     config = yaml.safe_load((EXAMPLES / "config.yaml").read_text())
     models = []
     for entry in config["applications"][0]["args"]["llm_configs"]:
@@ -43,8 +42,7 @@ def example_models() -> list[dict]:
             entry = yaml.safe_load((EXAMPLES / entry).read_text())
         loading = entry["model_loading_config"]
         source = str((base / loading["model_source"]).resolve())
-        engine_kwargs = {**entry.get("engine_kwargs", {}), "enforce_eager": True}
-        models.append({**entry, "model_loading_config": {**loading, "model_source": source}, "engine_kwargs": engine_kwargs})
+        models.append({**entry, "model_loading_config": {**loading, "model_source": source}})
     return models
 
 
@@ -89,10 +87,12 @@ def test_progress_names_each_model_and_the_url(running):
 
 
 def test_the_chat_model_answers_a_real_question(base_url):
-    answer = surface.client(base_url).chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=24, temperature=0
-    )
+    """The README's examples: chat (curl) and the Responses API (Python), greedy."""
+    sdk = surface.client(base_url)
+    question = "What is the capital of France?"
+    answer = sdk.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": question}], max_tokens=24, temperature=0)
     assert "Paris" in answer.choices[0].message.content
+    assert "Paris" in sdk.responses.create(model="smollm2", input=question, max_output_tokens=24, temperature=0).output_text
 
 
 def test_related_sentences_embed_closer_than_unrelated_ones(base_url):
