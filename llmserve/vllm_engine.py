@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import functools
 import importlib
-import json
 import logging
 import os
 import subprocess
@@ -29,6 +28,7 @@ from vllm.entrypoints.launchers.cli_args import FrontendArgs
 from llmserve.config import LLMConfig
 from llmserve.engine import ENDPOINT_PATHS, Endpoint, EngineOutput
 from llmserve.errors import BadRequestError, ConfigError, EngineError, error_for_status
+from llmserve.ray_llm_compat import with_named_json_schema, with_reasoning_content
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class VLLMEngine:
             )
         request_adapter, handler, route = self._handlers[endpoint]
         try:
-            request = request_adapter.validate_python(_with_named_json_schema(body))
+            request = request_adapter.validate_python(with_named_json_schema(body))
         except pydantic.ValidationError as exc:
             raise _bad_request_from(exc) from exc
         except ValueError as exc:
@@ -217,7 +217,7 @@ class VLLMEngine:
         if isinstance(result, ErrorResponse):
             raise error_for_status(result.error.code, result.error.message, param=result.error.param)
         if endpoint == "chat" and self._parses_reasoning:
-            result = _with_reasoning_content(result)
+            result = with_reasoning_content(result)
         if isinstance(result, pydantic.BaseModel):
             return result.model_dump_json(by_alias=route.by_alias).encode()
         if hasattr(result, "body") and hasattr(result, "status_code"):  # a Starlette response
@@ -311,52 +311,6 @@ VLLM_ROUTES: dict[str, _Route] = {
     "classify": _Route("vllm.entrypoints.pooling.classify.protocol:ClassificationRequest", "serving_classification"),
     "pooling": _Route("vllm.entrypoints.pooling.pooling.protocol:PoolingRequest", "serving_pooling"),
 }
-
-
-def _with_named_json_schema(body: dict[str, Any]) -> dict[str, Any]:
-    """The body with a bare JSON schema as ``response_format.json_schema`` wrapped as OpenAI's
-    ``{name, schema}``.
-
-    ray.serve.llm's documentation passes a pydantic model's schema itself
-    (``"json_schema": Color.model_json_schema()``), which its own request
-    type accepted and vLLM's rejects for want of a name.
-    """
-    response_format = body.get("response_format")
-    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
-        return body
-    schema = response_format.get("json_schema")
-    if not isinstance(schema, dict) or "schema" in schema or "name" in schema:
-        return body
-    if not {"type", "properties", "$defs", "anyOf", "oneOf", "enum"} & schema.keys():
-        return body
-    named = {"name": str(schema.get("title") or "response"), "schema": schema}
-    return {**body, "response_format": {**response_format, "json_schema": named}}
-
-
-def _with_reasoning_content(result: Any) -> Any:
-    """A chat answer whose reasoning is also under ``reasoning_content``, in messages and stream deltas.
-
-    vLLM 0.32 names the parsed reasoning ``reasoning``; clients written for
-    ray.serve.llm and DeepSeek's API read ``reasoning_content``.
-    """
-    if isinstance(result, pydantic.BaseModel):
-        for choice in getattr(result, "choices", []):
-            if getattr(choice.message, "reasoning", None) is not None:
-                choice.message.reasoning_content = choice.message.reasoning
-        return result
-    return _stream_with_reasoning_content(result)
-
-
-async def _stream_with_reasoning_content(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    async for event in events:
-        if '"reasoning":' in event and event.startswith("data: {"):
-            chunk = json.loads(event[len("data: "):])
-            for choice in chunk.get("choices", []):
-                delta = choice.get("delta") or {}
-                if delta.get("reasoning") is not None:
-                    delta["reasoning_content"] = delta["reasoning"]
-            event = f"data: {json.dumps(chunk, ensure_ascii=False, separators=(',', ':'))}\n\n"
-        yield event
 
 
 def _import(qualified_name: str) -> Any:

@@ -22,17 +22,17 @@ def test_nested_engine_settings_become_vllms_config_classes_as_vllm_serve_parses
 
 
 def test_a_bare_json_schema_in_response_format_is_given_a_name_as_ray_serve_llm_accepted_it():
-    from llmserve.vllm_engine import _with_named_json_schema
+    from llmserve.ray_llm_compat import with_named_json_schema
 
     schema = {"properties": {"colors": {"type": "array"}}, "required": ["colors"], "title": "Color", "type": "object"}
     body = {"model": "m", "response_format": {"type": "json_schema", "json_schema": schema}}
-    assert _with_named_json_schema(body)["response_format"]["json_schema"] == {"name": "Color", "schema": schema}
+    assert with_named_json_schema(body)["response_format"]["json_schema"] == {"name": "Color", "schema": schema}
     openai_shape = {"model": "m", "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}}
-    assert _with_named_json_schema(openai_shape) is openai_shape
+    assert with_named_json_schema(openai_shape) is openai_shape
 
 
 def test_reasoning_is_mirrored_as_reasoning_content_in_stream_deltas_only_where_present():
-    from llmserve.vllm_engine import _with_reasoning_content
+    from llmserve.ray_llm_compat import with_reasoning_content
 
     async def events():
         yield 'data: {"choices":[{"index":0,"delta":{"reasoning":"Let me think."}}]}\n\n'
@@ -40,7 +40,7 @@ def test_reasoning_is_mirrored_as_reasoning_content_in_stream_deltas_only_where_
         yield "data: [DONE]\n\n"
 
     async def collect():
-        return [event async for event in _with_reasoning_content(events())]
+        return [event async for event in with_reasoning_content(events())]
 
     first, second, done = asyncio.run(collect())
     assert json.loads(first[len("data: "):])["choices"][0]["delta"] == {"reasoning": "Let me think.", "reasoning_content": "Let me think."}
@@ -50,7 +50,7 @@ def test_reasoning_is_mirrored_as_reasoning_content_in_stream_deltas_only_where_
 def test_reasoning_is_mirrored_in_whole_chat_answers():
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
 
-    from llmserve.vllm_engine import _with_reasoning_content
+    from llmserve.ray_llm_compat import with_reasoning_content
 
     answer = ChatCompletionResponse.model_validate(
         {
@@ -59,5 +59,5 @@ def test_reasoning_is_mirrored_in_whole_chat_answers():
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
     )
-    message = json.loads(_with_reasoning_content(answer).model_dump_json())["choices"][0]["message"]
+    message = json.loads(with_reasoning_content(answer).model_dump_json())["choices"][0]["message"]
     assert message["reasoning"] == message["reasoning_content"] == "Let me think."
