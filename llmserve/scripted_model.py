@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmserve.tiny_model import _FINGERPRINT_FILE, TINY_HIDDEN, _save_tokenizer, tiny_llama_config
+from llmserve.tiny_model import TINY_HIDDEN, _save_tokenizer, already_made, mark_made, tiny_llama_config
 
 REASONING = "Let me think step by step."
 ANSWER = "The answer is 42."
@@ -62,13 +62,12 @@ def make_scripted_model(path: str | Path) -> Path:
     """Write the scripted model to ``path`` (skipped when it is already there)."""
     path = Path(path)
     fingerprint = {"scripted": True, "version": 4}
-    marker = path / _FINGERPRINT_FILE
-    if marker.exists() and json.loads(marker.read_text()) == fingerprint:
+    if already_made(path, fingerprint):
         return path
     path.mkdir(parents=True, exist_ok=True)
     _save_tokenizer(path, 1024, special_tokens=_SPECIAL, added_tokens=_ADDED, chat_template=_TEMPLATE)
     _save_weights(path)
-    marker.write_text(json.dumps(fingerprint))
+    mark_made(path, fingerprint)
     return path
 
 

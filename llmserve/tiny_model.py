@@ -34,17 +34,27 @@ _FINGERPRINT_FILE = "llmserve_tiny_model.json"
 TINY_HIDDEN = 128
 
 
+def already_made(path: Path, fingerprint: dict) -> bool:
+    """Whether the model folder at ``path`` was written, completely, with these settings."""
+    marker = path / _FINGERPRINT_FILE
+    return marker.exists() and json.loads(marker.read_text()) == fingerprint
+
+
+def mark_made(path: Path, fingerprint: dict) -> None:
+    """Record, last, that ``path`` holds a complete model made with these settings."""
+    (path / _FINGERPRINT_FILE).write_text(json.dumps(fingerprint))
+
+
 def make_tiny_model(path: str | Path, *, seed: int = 0, vocab_size: int = 2048) -> Path:
     """Write the tiny model to ``path`` (skipped when the same model is already there)."""
     path = Path(path)
     fingerprint = {"seed": seed, "vocab_size": vocab_size, "version": 1}
-    marker = path / _FINGERPRINT_FILE
-    if marker.exists() and json.loads(marker.read_text()) == fingerprint:
+    if already_made(path, fingerprint):
         return path
     path.mkdir(parents=True, exist_ok=True)
     _save_tokenizer(path, vocab_size)
     _save_weights(path, seed, vocab_size)
-    marker.write_text(json.dumps(fingerprint))
+    mark_made(path, fingerprint)
     return path
 
 
@@ -121,8 +131,7 @@ def make_tiny_adapter(base: str | Path, path: str | Path, *, seed: int, rank: in
     """
     path = Path(path)
     fingerprint = {"base": str(base), "seed": seed, "rank": rank, "version": 1}
-    marker = path / _FINGERPRINT_FILE
-    if marker.exists() and json.loads(marker.read_text()) == fingerprint:
+    if already_made(path, fingerprint):
         return path
     import torch
     from peft import LoraConfig, get_peft_model
@@ -137,7 +146,7 @@ def make_tiny_adapter(base: str | Path, path: str | Path, *, seed: int, rank: in
             if "lora_" in name:
                 weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
     adapted.save_pretrained(str(path))
-    marker.write_text(json.dumps(fingerprint))
+    mark_made(path, fingerprint)
     return path
 
 
@@ -149,8 +158,7 @@ def make_cross_encoder(minilm: str | Path, path: str | Path, *, seed: int = 0) -
     """
     path = Path(path)
     fingerprint = {"base": "all-MiniLM-L6-v2", "seed": seed, "version": 1}
-    marker = path / _FINGERPRINT_FILE
-    if marker.exists() and json.loads(marker.read_text()) == fingerprint:
+    if already_made(path, fingerprint):
         return path
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
@@ -159,7 +167,7 @@ def make_cross_encoder(minilm: str | Path, path: str | Path, *, seed: int = 0) -
     model = BertForSequenceClassification.from_pretrained(str(minilm), num_labels=1)
     model.save_pretrained(str(path), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(minilm)).save_pretrained(str(path))
-    marker.write_text(json.dumps(fingerprint))
+    mark_made(path, fingerprint)
     return path
 
 
@@ -182,8 +190,7 @@ def make_tiny_vlm(path: str | Path, *, seed: int = 0) -> Path:
     """
     path = Path(path)
     fingerprint = {"vlm": "idefics3", "seed": seed, "version": 1}
-    marker = path / _FINGERPRINT_FILE
-    if marker.exists() and json.loads(marker.read_text()) == fingerprint:
+    if already_made(path, fingerprint):
         return path
     import torch
     from transformers import AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration
@@ -202,7 +209,7 @@ def make_tiny_vlm(path: str | Path, *, seed: int = 0) -> Path:
     Idefics3ForConditionalGeneration(config).to(torch.float32).save_pretrained(path, safe_serialization=True)
     image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 56}, max_image_size={"longest_edge": 56})
     Idefics3Processor(image_processor, tokenizer, image_seq_len=4, chat_template=VLM_CHAT_TEMPLATE).save_pretrained(path)
-    marker.write_text(json.dumps(fingerprint))
+    mark_made(path, fingerprint)
     return path
 
 
