@@ -28,7 +28,18 @@ if TYPE_CHECKING:
     from llmserve.config import LLMConfig
 
 Endpoint = Literal[
-    "chat", "completions", "embeddings", "responses", "tokenize", "detokenize", "score", "rerank", "classify", "pooling"
+    "chat",
+    "completions",
+    "embeddings",
+    "responses",
+    "tokenize",
+    "detokenize",
+    "score",
+    "rerank",
+    "classify",
+    "pooling",
+    "transcriptions",
+    "translations",
 ]
 
 # Every path of a model call, as `vllm serve` routes it, and the endpoint it is.
@@ -47,6 +58,9 @@ API_PATHS: dict[str, Endpoint] = {
     "/v2/rerank": "rerank",
     "/classify": "classify",
     "/pooling": "pooling",
+    # Multipart forms with an audio file, not JSON (bodies.py).
+    "/v1/audio/transcriptions": "transcriptions",
+    "/v1/audio/translations": "translations",
 }
 ENDPOINT_PATHS: dict[Endpoint, str] = {endpoint: path for path, endpoint in reversed(API_PATHS.items())}
 

@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from typing import Any, Optional
@@ -27,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from llmserve.bodies import JSON, parse_body
 from llmserve.engine import API_PATHS, Endpoint
 from llmserve.errors import (
     BadRequestError,
@@ -53,22 +53,13 @@ DEFAULT_INGRESS_OPTIONS = {
 }
 
 
-def _parse_json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequestError(f"The request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise BadRequestError("The request body must be a JSON object.")
-    return body
-
-
 def _api_endpoint(endpoint: Endpoint, router: ModelRouter):
     async def handle(request: Request) -> Response:
         request_id = request.headers.get(REQUEST_ID_HEADER)
         try:
             raw_body = await request.body()
-            body = _parse_json_object(raw_body)
+            content_type = request.headers.get("content-type", JSON)
+            body = await parse_body(content_type, raw_body)
             request_id = request_id or _body_request_id(body) or uuid.uuid4().hex
             model_id, backend = router.resolve(body.get("model"))
             stream = _stream_flag(body)
@@ -76,7 +67,7 @@ def _api_endpoint(endpoint: Endpoint, router: ModelRouter):
             return error_response(error, request_id)
         body.setdefault("model", model_id)
         body["request_id"] = request_id
-        return await backend.respond(ApiRequest(endpoint, body, raw_body, request_id, stream))
+        return await backend.respond(ApiRequest(endpoint, body, raw_body, request_id, stream, content_type))
 
     return handle
 
@@ -157,7 +148,8 @@ def front_door_route(router: ModelRouter, own_app: tuple[str, int]):
         endpoint = _API_ENDPOINTS.get(request.path.split(b"?", 1)[0]) if request.method == b"POST" else None
         if endpoint is not None:
             try:
-                body = _parse_json_object(request.body)
+                content_type = (request.header(b"content-type") or JSON.encode()).decode("latin-1")
+                body = await parse_body(content_type, request.body)
                 _, backend = router.resolve(body.get("model"))
             except LLMServeError:
                 pass  # the ingress's own app answers it, in the OpenAI error format

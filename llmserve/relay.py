@@ -157,7 +157,7 @@ class ReplicaRelay:
         return StreamingResponse(relayed, status_code=upstream.status, media_type="text/event-stream", headers=headers)
 
     async def _send(self, adapter: Optional[str], request: ApiRequest) -> tuple[Any, Callable[[], None]]:
-        headers = {"content-type": "application/json", REQUEST_ID_HEADER: request.request_id}
+        headers = {"content-type": request.content_type, REQUEST_ID_HEADER: request.request_id}
         path = ENDPOINT_PATHS[request.endpoint]
         for attempt in range(2):
             replica_url, finished = await self.place(adapter)

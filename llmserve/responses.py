@@ -37,6 +37,7 @@ class ApiRequest:
     raw_body: bytes
     request_id: str
     stream: bool
+    content_type: str = "application/json"  # what ``raw_body`` is: JSON, or a multipart form
 
 
 def error_response(error: LLMServeError, request_id: Optional[str] = None) -> Response:

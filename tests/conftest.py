@@ -9,6 +9,8 @@ from llmserve.tiny_model import make_tiny_model
 REPO = Path(__file__).resolve().parent.parent
 # Small and eager: start-up in seconds, memory in megabytes, same settings everywhere.
 TEST_ENGINE_KWARGS = {"max_model_len": 512, "kv_cache_memory_bytes": 64 * 1024**2, "enforce_eager": True}
+# Whisper's decoder holds 448 positions.
+SPEECH_ENGINE_KWARGS = {**TEST_ENGINE_KWARGS, "max_model_len": 448}
 
 
 @pytest.fixture(scope="session")
@@ -19,10 +21,12 @@ def tiny_model_paths() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def example_model_paths() -> dict[str, str]:
-    """The default example's real models (SmolLM2, MiniLM) and a cross-encoder made from MiniLM."""
+    """The default example's real models (SmolLM2, MiniLM), a cross-encoder made from MiniLM
+    and a tiny Whisper: the models every way of travel serves."""
     from llmserve.example_models import MINILM, SMOLLM2, make_all
-    from llmserve.tiny_model import make_cross_encoder
+    from llmserve.tiny_model import make_cross_encoder, make_tiny_whisper
 
     made = make_all(REPO / "models")
     cross_encoder = make_cross_encoder(made[MINILM], REPO / "models" / "tiny-cross-encoder")
-    return {"smollm2": str(made[SMOLLM2]), "minilm": str(made[MINILM]), "cross-encoder": str(cross_encoder)}
+    whisper = make_tiny_whisper(REPO / "models" / "tiny-whisper")
+    return {"smollm2": str(made[SMOLLM2]), "minilm": str(made[MINILM]), "cross-encoder": str(cross_encoder), "whisper": str(whisper)}

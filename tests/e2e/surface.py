@@ -97,14 +97,66 @@ def check_missing_capabilities_are_400s(base_url, chat_model, embed_model):
     unsupported(post(base_url, "/classify", {"model": embed_model, "input": ["x"]}), "classify")
 
 
-def check_every_endpoint(base_url, *, chat_model, embed_model, cross_encoder):
+def wav(kind, seconds=1.0, rate=16000):
+    """A mono 16 kHz WAV file's bytes: a 440 Hz tone or white noise."""
+    import io
+
+    import numpy as np
+    import soundfile
+
+    samples = int(seconds * rate)
+    if kind == "tone":
+        audio = 0.3 * np.sin(2 * np.pi * 440 * np.arange(samples) / rate)
+    else:
+        audio = 0.3 * np.random.default_rng(0).standard_normal(samples)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio.astype(np.float32), rate, format="WAV")
+    return buffer.getvalue()
+
+
+def post_audio(base_url, path, fields, audio, name="clip.wav"):
+    return requests.post(base_url + path, data=fields, files={"file": (name, audio, "audio/wav")}, timeout=120)
+
+
+def check_audio(base_url, model, *, chat_model):
+    """Transcriptions and translations: multipart uploads routed by their `model` form field."""
+    sdk = client(base_url)
+    short = {"max_completion_tokens": 8}
+    tone = sdk.audio.transcriptions.create(model=model, file=("tone.wav", wav("tone")), language="en", temperature=0, extra_body=short)
+    again = sdk.audio.transcriptions.create(model=model, file=("tone.wav", wav("tone")), language="en", temperature=0, extra_body=short)
+    noise = sdk.audio.transcriptions.create(model=model, file=("noise.wav", wav("noise")), language="en", temperature=0, extra_body=short)
+    assert tone.text and tone.text == again.text  # greedy: the same audio, the same text
+    assert noise.text != tone.text  # the audio reached the model
+    translated = sdk.audio.translations.create(model=model, file=("tone.wav", wav("tone")), temperature=0, extra_body=short)
+    assert isinstance(translated.text, str) and translated.text
+
+    fields = {"model": model, "language": "en", "temperature": "0", "max_completion_tokens": "8"}
+    streamed = post_audio(base_url, "/v1/audio/transcriptions", {**fields, "stream": "true"}, wav("tone"))
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(event)["choices"][0]["delta"].get("content") or "" for event in events[:-1]) == tone.text
+    verbose = ok_json(post_audio(base_url, "/v1/audio/transcriptions", {**fields, "response_format": "verbose_json"}, wav("tone")))
+    assert verbose["language"] == "en" and verbose["duration"] == 1.0
+
+    unknown = post_audio(base_url, "/v1/audio/transcriptions", {**fields, "model": "nope"}, wav("tone"))
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    unsupported(post_audio(base_url, "/v1/audio/transcriptions", {**fields, "model": chat_model}, wav("tone")), "transcriptions")
+    not_audio = post_audio(base_url, "/v1/audio/transcriptions", fields, b"this is not audio")
+    assert not_audio.status_code == 400 and not_audio.json()["error"]["type"] == "invalid_request_error"
+    as_json = post(base_url, "/v1/audio/transcriptions", {**fields, "file": "clip.wav"})
+    assert as_json.status_code == 400 and as_json.json()["error"]["param"] == "file"
+    unsupported(post(base_url, "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "x"}]}), "chat")
+
+
+def check_every_endpoint(base_url, *, chat_model, embed_model, cross_encoder, speech_model):
     check_responses_api(base_url, chat_model)
     check_tokenize_round_trip(base_url, chat_model, has_chat_template=True)
     check_tokenize_round_trip(base_url, embed_model, has_chat_template=False)
     check_embedding_family(base_url, embed_model)
     check_cross_encoder(base_url, cross_encoder)
     check_missing_capabilities_are_400s(base_url, chat_model, embed_model)
-
+    check_audio(base_url, speech_model, chat_model=chat_model)
 
 
 def check_sampling_options(base_url, model):

@@ -17,7 +17,7 @@ import requests
 from ray import serve
 
 from llmserve import LLMConfig, build_openai_app
-from tests.conftest import TEST_ENGINE_KWARGS
+from tests.conftest import SPEECH_ENGINE_KWARGS, TEST_ENGINE_KWARGS
 from tests.e2e import surface
 from tests.e2e.conftest import tiny_config, wait_for_http
 
@@ -42,6 +42,10 @@ def base_url(serve_port, tiny_model_paths, example_model_paths):
         LLMConfig(
             model_loading_config={"model_id": "cross-encoder", "model_source": example_model_paths["cross-encoder"]},
             engine_kwargs=POOLING_ENGINE_KWARGS,
+        ),
+        LLMConfig(
+            model_loading_config={"model_id": "whisper", "model_source": example_model_paths["whisper"]},
+            engine_kwargs=SPEECH_ENGINE_KWARGS,
         ),
     ]
     serve.run(build_openai_app({"llm_configs": configs}), name="main", route_prefix="/")
@@ -115,7 +119,7 @@ def test_greedy_output_equals_offline_vllm(client, tiny_model_paths):
 
 
 def test_every_endpoint_behind_serves_proxy(base_url):
-    surface.check_every_endpoint(base_url, chat_model="tiny-a", embed_model="minilm", cross_encoder="cross-encoder")
+    surface.check_every_endpoint(base_url, chat_model="tiny-a", embed_model="minilm", cross_encoder="cross-encoder", speech_model="whisper")
 
 
 def test_the_documented_embedding_client(client):

@@ -1,8 +1,8 @@
 """The whole OpenAI surface under `llmserve run`, the path users run (front door + socket handoff).
 
 One `llmserve run` serves the default example's models (SmolLM2 and MiniLM,
-exactly as examples/config.yaml configures them) beside a cross-encoder, the scripted model (exact
-reasoning and tool calls) and a tiny vision-language model. It starts its own local Ray, as a user's would.
+exactly as examples/config.yaml configures them) beside a cross-encoder, a tiny Whisper, the scripted
+model (exact reasoning and tool calls) and a tiny vision-language model. It starts its own local Ray, as a user's would.
 """
 
 from pathlib import Path
@@ -13,7 +13,7 @@ import yaml
 
 from llmserve.scripted_model import ANSWER, REASONING, TOOL_CALL, make_scripted_model
 from llmserve.tiny_model import make_tiny_vlm
-from tests.conftest import REPO, TEST_ENGINE_KWARGS
+from tests.conftest import REPO, SPEECH_ENGINE_KWARGS, TEST_ENGINE_KWARGS
 from tests.e2e import surface
 from tests.e2e.conftest import BIN, free_port, start, stop, wait_for_line
 
@@ -50,6 +50,7 @@ def surface_config(example_model_paths: dict, scripted_path: str, vlm_path: str,
     pooling = {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 1024**2, "enforce_eager": True}
     models = example_models() + [
         {"model_loading_config": {"model_id": "cross-encoder", "model_source": example_model_paths["cross-encoder"]}, "engine_kwargs": pooling},
+        {"model_loading_config": {"model_id": "whisper", "model_source": example_model_paths["whisper"]}, "engine_kwargs": SPEECH_ENGINE_KWARGS},
         {"model_loading_config": {"model_id": "scripted", "model_source": scripted_path}, "engine_kwargs": SCRIPTED_ENGINE_KWARGS},
         {"model_loading_config": {"model_id": "vlm", "model_source": vlm_path}, "engine_kwargs": TEST_ENGINE_KWARGS},
     ]
@@ -101,7 +102,7 @@ def test_related_sentences_embed_closer_than_unrelated_ones(base_url):
 
 
 def test_every_endpoint_through_the_front_door(base_url):
-    surface.check_every_endpoint(base_url, chat_model="smollm2", embed_model="minilm", cross_encoder="cross-encoder")
+    surface.check_every_endpoint(base_url, chat_model="smollm2", embed_model="minilm", cross_encoder="cross-encoder", speech_model="whisper")
 
 
 def test_front_door_streams_with_usage_and_keeps_connections_across_models(base_url):

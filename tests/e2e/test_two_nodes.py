@@ -17,6 +17,7 @@ from ray import serve
 
 from llmserve.builder import build_openai_app_at
 from llmserve.cli import _configure_local_serve
+from tests.conftest import SPEECH_ENGINE_KWARGS
 from tests.e2e import surface
 from tests.e2e.conftest import free_port, tiny_config, wait_for_http
 
@@ -46,6 +47,13 @@ def base_url(tiny_model_paths, example_model_paths):
             }
             for model_id, node in (("minilm", ON_MODEL_NODE), ("cross-encoder", ON_FRONT_NODE))
         ]
+        configs.append(
+            {
+                "model_loading_config": {"model_id": "whisper", "model_source": example_model_paths["whisper"]},
+                "engine_kwargs": SPEECH_ENGINE_KWARGS,
+                "deployment_config": ON_MODEL_NODE,
+            }
+        )
         args = {"llm_configs": configs, "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0, "resources": {"front": 0.01}}}}
         serve.run(build_openai_app_at(args, base_dir=None, front_door={"host": "127.0.0.1", "port": port}), name="two-nodes", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
@@ -68,17 +76,17 @@ def test_the_models_run_where_they_were_placed(base_url):
             nodes.setdefault(actor.class_name.removeprefix("ServeReplica:two-nodes:"), set()).add(actor.node_id)
     front = nodes["OpenAiIngress"]
     assert len(front) == 1 and nodes["LLMServer:cross-encoder"] == front
-    assert nodes["LLMServer:tiny-a"].isdisjoint(front) and nodes["LLMServer:minilm"].isdisjoint(front)
+    assert all(nodes[f"LLMServer:{model_id}"].isdisjoint(front) for model_id in ("tiny-a", "minilm", "whisper"))
 
 
 def test_every_endpoint_through_the_splice(base_url):
-    surface.check_every_endpoint(base_url, chat_model="tiny-a", embed_model="minilm", cross_encoder="cross-encoder")
+    surface.check_every_endpoint(base_url, chat_model="tiny-a", embed_model="minilm", cross_encoder="cross-encoder", speech_model="whisper")
     handed_off = {
         model_id: serve.get_deployment_handle(f"LLMServer:{model_id}", app_name="two-nodes").engine_stats.remote().result()["requests_handed_off"]
-        for model_id in ("tiny-a", "minilm", "cross-encoder")
+        for model_id in ("tiny-a", "minilm", "cross-encoder", "whisper")
     }
     # The front door's node took the client's socket; the other node's answers were spliced.
-    assert handed_off["cross-encoder"] > 0 and handed_off["tiny-a"] == handed_off["minilm"] == 0
+    assert handed_off["cross-encoder"] > 0 and handed_off["tiny-a"] == handed_off["minilm"] == handed_off["whisper"] == 0
 
 
 def test_streams_and_errors_through_the_splice(base_url):

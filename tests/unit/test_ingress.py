@@ -182,3 +182,37 @@ def test_every_model_path_reaches_the_engine_as_its_endpoint(two_models):
         response = call(two_models, "POST", path, json=body)
         assert response.status_code == 200, (path, response.text)
         assert response.json()["endpoint"] == endpoint
+
+
+def test_multipart_forms_are_routed_by_their_model_field(two_models):
+    upload = {"file": ("clip.wav", b"RIFF....", "audio/wav")}
+    response = call(two_models, "POST", "/v1/audio/transcriptions", data={"model": "beta", "prompt": "hi there"}, files=upload)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "beta" and response.json()["endpoint"] == "transcriptions"
+    streamed = call(two_models, "POST", "/v1/audio/translations", data={"model": "alpha", "prompt": "a b", "stream": "True"}, files=upload)
+    assert streamed.headers["content-type"].startswith("text/event-stream") and sse_events(streamed)[-1] == "[DONE]"
+    assert_envelope(call(two_models, "POST", "/v1/audio/transcriptions", data={"model": "gamma"}, files=upload), 404, "model_not_found")
+    assert_envelope(call(two_models, "POST", "/v1/audio/transcriptions", data={"model": "alpha", "stream": "maybe"}, files=upload), 400)
+
+
+def test_a_broken_multipart_form_is_400(two_models):
+    headers = {"content-type": "multipart/form-data"}  # no boundary
+    error = assert_envelope(call(two_models, "POST", "/v1/audio/transcriptions", content=b"--xyz\r\nnonsense", headers=headers), 400)
+    assert "multipart" in error["message"]
+
+
+def test_form_fields_keep_lists_and_files():
+    from starlette.datastructures import UploadFile
+
+    from llmserve.bodies import parse_body
+
+    boundary = "b0undary"
+    parts = [("model", None, b"whisper"), ("timestamp_granularities[]", None, b"word"), ("timestamp_granularities[]", None, b"segment"), ("file", "a.wav", b"RIFFdata")]
+    raw = b""
+    for name, filename, value in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        raw += f"--{boundary}\r\ncontent-disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n"
+    raw += f"--{boundary}--\r\n".encode()
+    body = asyncio.run(parse_body(f"multipart/form-data; boundary={boundary}", raw))
+    assert body["model"] == "whisper" and body["timestamp_granularities[]"] == ["word", "segment"]
+    assert isinstance(body["file"], UploadFile) and body["file"].filename == "a.wav"

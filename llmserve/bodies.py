@@ -1,0 +1,76 @@
+"""Request bodies as the API takes them: a JSON object, or a multipart form (audio uploads).
+
+Either becomes one dict of fields, parsed once where a request enters (the
+ingress's app, the front door) so routing reads `model` the same way for both.
+A form's fields stay the strings that were sent (vLLM's request types coerce
+them, as FastAPI's ``Form()`` does for ``vllm serve``), repeated fields and
+``name[]`` fields become lists, files are Starlette ``UploadFile`` objects,
+and ``stream`` is a bool as in JSON.
+
+Example::
+
+    body = await parse_body(request.headers.get("content-type", ""), await request.body())
+    body["model"], body.get("file")
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncIterator
+
+from llmserve.errors import BadRequestError
+
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
+# A form is an audio upload and its options: a handful of fields, one file.
+MAX_FORM_FIELDS = 100
+MAX_FORM_FILES = 4
+_FORM_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+async def parse_body(content_type: str, raw: bytes) -> dict[str, Any]:
+    """The request's fields: a multipart form when it says it is one, else a JSON object."""
+    if media_type(content_type) == MULTIPART:
+        return await _parse_form(content_type, raw)
+    return parse_json_object(raw)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"The request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequestError("The request body must be a JSON object.")
+    return body
+
+
+async def _parse_form(content_type: str, raw: bytes) -> dict[str, Any]:
+    from starlette.datastructures import Headers
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield raw
+
+    parser = MultiPartParser(Headers({"content-type": content_type}), chunks(), max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise BadRequestError(f"The multipart form cannot be read: {exc.message}") from exc
+    body: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        if name in body or name.endswith("[]"):
+            earlier = body.get(name, [])
+            body[name] = [*(earlier if isinstance(earlier, list) else [earlier]), value]
+        else:
+            body[name] = value
+    stream = body.get("stream")
+    if isinstance(stream, str):
+        if stream.strip().lower() not in _FORM_BOOLEANS:
+            raise BadRequestError("`stream` must be true or false.", param="stream")
+        body["stream"] = _FORM_BOOLEANS[stream.strip().lower()]
+    return body
