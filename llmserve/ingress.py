@@ -38,6 +38,7 @@ from llmserve.errors import (
 )
 from llmserve.front_door import FrontDoor, HttpRequest, Upstream
 from llmserve.logs import log_into_serve_replica_log
+from llmserve.openapi import merged_document
 from llmserve.relay import ReplicaRelay, adapter_of, start_http_server
 from llmserve.responses import REQUEST_ID_HEADER, SSE_DONE, ApiRequest, backend_failure, error_response
 from llmserve.routing import ModelRouter
@@ -51,6 +52,10 @@ DEFAULT_INGRESS_OPTIONS = {
     "max_ongoing_requests": 4096,
     "ray_actor_options": {"num_cpus": 0},
 }
+
+
+# A request id is echoed in the x-request-id header: it must be a valid header value.
+MAX_REQUEST_ID_CHARS = 256
 
 
 def _api_endpoint(endpoint: Endpoint, router: ModelRouter):
@@ -73,8 +78,15 @@ def _api_endpoint(endpoint: Endpoint, router: ModelRouter):
 
 
 def _body_request_id(body: dict[str, Any]) -> Optional[str]:
+    """The client's own id for the request, if the body names one; it travels in a header."""
     value = body.get("request_id")
-    return value if isinstance(value, str) and value else None
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > MAX_REQUEST_ID_CHARS or not value.isascii() or not value.isprintable():
+        raise BadRequestError(
+            f"`request_id` must be a string of at most {MAX_REQUEST_ID_CHARS} printable ASCII characters.", param="request_id"
+        )
+    return value
 
 
 def _stream_flag(body: dict[str, Any]) -> bool:
@@ -104,6 +116,19 @@ def _models_endpoints(router: ModelRouter):
     return list_models, retrieve_model
 
 
+def _openapi_endpoint(router: ModelRouter):
+    document: Optional[dict[str, Any]] = None  # the models of an app do not change: made once
+
+    async def openapi(request: Request) -> Response:
+        nonlocal document
+        if document is None:
+            model_schemas = await asyncio.gather(*(backend.api_schema() for backend in router.backends.values()))
+            document = merged_document(model_schemas)
+        return JSONResponse(document)
+
+    return openapi
+
+
 async def _health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -130,6 +155,7 @@ def build_http_app(router: ModelRouter) -> Starlette:
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/health", _health, methods=["GET"]),
+        Route("/openapi.json", _openapi_endpoint(router), methods=["GET"]),
     ]
     return Starlette(
         routes=routes,
@@ -151,24 +177,27 @@ def front_door_route(router: ModelRouter, own_app: tuple[str, int]):
                 content_type = (request.header(b"content-type") or JSON.encode()).decode("latin-1")
                 body = await parse_body(content_type, request.body)
                 _, backend = router.resolve(body.get("model"))
+                body_request_id = _body_request_id(body)
             except LLMServeError:
                 pass  # the ingress's own app answers it, in the OpenAI error format
             else:
                 if isinstance(backend, ReplicaRelay):
-                    return await _to_replica(backend, request, body, may_retry=True)
+                    return await _to_replica(backend, request, body_request_id, adapter_of(body), may_retry=True)
         return Upstream(*own_app)
 
     return route
 
 
-async def _to_replica(relay: ReplicaRelay, request: HttpRequest, body: dict[str, Any], may_retry: bool) -> Upstream:
+async def _to_replica(
+    relay: ReplicaRelay, request: HttpRequest, body_request_id: Optional[str], adapter: Optional[str], may_retry: bool
+) -> Upstream:
     given_id = request.header(REQUEST_ID_HEADER.encode())
-    request_id = given_id.decode("latin-1") if given_id else _body_request_id(body) or uuid.uuid4().hex
-    replica_url, done = await relay.place(adapter_of(body))
+    request_id = given_id.decode("latin-1") if given_id else body_request_id or uuid.uuid4().hex
+    replica_url, done = await relay.place(adapter)
 
     async def elsewhere() -> Upstream:
         relay.forget(replica_url)
-        return await _to_replica(relay, request, body, may_retry=False)
+        return await _to_replica(relay, request, body_request_id, adapter, may_retry=False)
 
     def last_words() -> bytes:  # the replica died mid-stream: end the client's stream cleanly
         error = backend_failure(ConnectionError("the replica closed the stream"), request_id)

@@ -64,6 +64,8 @@ ADAPTER_AFFINITY_SLACK = 8
 # A finished request's lease stays open this long for the next request on
 # its replica to take over: leases follow the load without a Ray call per request.
 LEASE_LINGER_S = 1.0
+# Headers of a replica's answer that describe its body (vLLM's binary embeddings carry `metadata`).
+_ANSWER_HEADERS = {"metadata"}
 
 
 class ReplicaRelay:
@@ -140,7 +142,8 @@ class ReplicaRelay:
             upstream, finished = await self._send(adapter, request)
         except Exception as exc:
             return error_response(backend_failure(exc, request.request_id), request.request_id)
-        headers = {REQUEST_ID_HEADER: request.request_id, REPLICA_HEADER: upstream.headers.get(REPLICA_HEADER, "")}
+        headers = {name: value for name, value in upstream.headers.items() if name.lower() in _ANSWER_HEADERS}
+        headers.update({REQUEST_ID_HEADER: request.request_id, REPLICA_HEADER: upstream.headers.get(REPLICA_HEADER, "")})
         if upstream.content_type != "text/event-stream":
             try:
                 body = await upstream.read()
@@ -223,6 +226,9 @@ class ReplicaRelay:
 
     async def model_cards(self) -> list[dict[str, Any]]:
         return await self._handle.model_cards.remote()
+
+    async def api_schema(self) -> dict[str, Any]:
+        return await self._handle.api_schema.remote()
 
     async def aclose(self) -> None:
         for leases in self._idle_leases.values():

@@ -20,6 +20,7 @@ from typing import Any, Optional, Protocol
 
 from starlette.responses import Response
 
+from llmserve.engine import BinaryOutput
 from llmserve.errors import BadRequestError, LLMServeError, ModelNotFoundError
 from llmserve.responses import REQUEST_ID_HEADER, ApiRequest, backend_failure, error_response, guarded, streamed_response
 
@@ -28,6 +29,8 @@ class Backend(Protocol):
     async def respond(self, request: ApiRequest) -> Response: ...
 
     async def model_cards(self) -> list[dict[str, Any]]: ...
+
+    async def api_schema(self) -> dict[str, Any]: ...
 
 
 class ModelRouter:
@@ -80,7 +83,12 @@ class LocalBackend:
             result = backend_failure(exc, request.request_id)
         if isinstance(result, LLMServeError):
             return error_response(result, request.request_id)
+        if isinstance(result, BinaryOutput):
+            return Response(result.body, media_type=result.media_type, headers={**result.headers, REQUEST_ID_HEADER: request.request_id})
         return Response(result, media_type="application/json", headers={REQUEST_ID_HEADER: request.request_id})
 
     async def model_cards(self) -> list[dict[str, Any]]:
         return await self._server.model_cards()
+
+    async def api_schema(self) -> dict[str, Any]:
+        return await self._server.api_schema()

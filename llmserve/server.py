@@ -22,10 +22,10 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from llmserve.coalesce import coalesced
 from llmserve.config import LLMConfig
-from llmserve.engine import Endpoint, Engine
-from llmserve.errors import EngineError, LLMServeError, ModelNotFoundError
+from llmserve.engine import BinaryOutput, Endpoint, Engine
+from llmserve.errors import BadRequestError, EngineError, LLMServeError, ModelNotFoundError
 from llmserve.adapters import AdapterStore, LoadedAdapters
-from llmserve.logs import log_into_serve_replica_log
+from llmserve.logs import log_into_serve_replica_log, reopen_serve_replica_log
 from llmserve.relay import ReplicaDataPlane
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,10 @@ class LLMServer:
         self._config = LLMConfig.model_validate(llm_config)
         self._active_streams = 0
         self._engine = (engine_cls or _default_engine_cls())(self._config)
-        await self._engine.start()
+        try:
+            await self._engine.start()
+        finally:
+            reopen_serve_replica_log()  # vLLM's logging set-up closed it (logs.py)
         self._adapters = self._adapter_set()
         self._data_plane = ReplicaDataPlane(self._own_http_app())
 
@@ -98,17 +101,21 @@ class LLMServer:
                     cards.append({**base, "id": model_name, "root": name, "parent": self._config.model_id})
         return cards
 
+    async def api_schema(self) -> dict[str, Any]:
+        """The OpenAPI operations of this model's endpoints (openapi.py)."""
+        return await self._engine.api_schema()
+
     async def reserve(self) -> AsyncIterator[str]:
         """A lease: this replica's HTTP URL, then open (one ongoing request to Serve) until cancelled."""
         async for url in self._data_plane.hold():
             yield url
 
-    async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> Union[bytes, LLMServeError]:
+    async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> Union[bytes, BinaryOutput, LLMServeError]:
         """A whole (non-streaming) response body, or the error to send instead."""
         try:
             async with self._adapter_for(body):
                 output = await self._engine.generate(endpoint, body)
-            if not isinstance(output, bytes):
+            if not isinstance(output, (bytes, BinaryOutput)):
                 raise TypeError(f"the engine streamed a request sent without stream: {body.get('stream')!r}")
             return output
         except Exception as exc:

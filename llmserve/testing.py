@@ -79,6 +79,11 @@ class FakeEngine:
     async def model_cards(self) -> list[dict[str, Any]]:
         return [{"id": self._model_id, "object": "model", "owned_by": "llmserve", "created": 0}]
 
+    async def api_schema(self) -> dict[str, Any]:
+        text = {"type": "object", "properties": {"model": {"type": "string"}, "prompt": {"type": "string"}}}
+        post = {"requestBody": {"content": {"application/json": {"schema": text}}}, "responses": {"200": {"description": "ok"}, "422": {"description": "x"}}}
+        return {"paths": {"/v1/completions": {"post": post}}, "components": {"schemas": {}}}
+
     async def check_health(self) -> None:
         if not self.started:
             raise RuntimeError("not started")
@@ -141,6 +146,10 @@ class InProcessHandle:
     @property
     def model_cards(self):
         return SimpleNamespace(remote=self._server.model_cards)
+
+    @property
+    def api_schema(self):
+        return SimpleNamespace(remote=self._server.api_schema)
 
 
 def _prompt_text(endpoint: Endpoint, body: dict[str, Any]) -> str:

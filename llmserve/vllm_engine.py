@@ -25,8 +25,9 @@ from starlette.datastructures import State
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.launchers.cli_args import FrontendArgs
 
+from llmserve.bodies import MULTIPART
 from llmserve.config import LLMConfig
-from llmserve.engine import ENDPOINT_PATHS, Endpoint, EngineOutput
+from llmserve.engine import API_PATHS, ENDPOINT_PATHS, BinaryOutput, Endpoint, EngineOutput
 from llmserve.errors import BadRequestError, ConfigError, EngineError, error_for_status
 from llmserve.ray_llm_compat import with_named_json_schema, with_reasoning_content
 
@@ -142,6 +143,9 @@ class VLLMEngine:
         self._state = State()
         self._handlers: dict[str, tuple[pydantic.TypeAdapter, Any, _Route]] = {}
         self._parses_reasoning = False
+        self._app_args: Optional[argparse.Namespace] = None
+        self._supported_tasks: tuple[str, ...] = ()
+        self._api_schema: Optional[dict[str, Any]] = None
 
     async def start(self) -> None:
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -170,6 +174,7 @@ class VLLMEngine:
         supported_tasks = await self._engine_client.get_supported_tasks()
         args = argparse.Namespace(**(vars(frontend_args) | vars(engine_args)))
         await init_app_state(self._engine_client, self._state, args, supported_tasks)
+        self._app_args, self._supported_tasks = args, supported_tasks
         self._handlers = self._endpoint_handlers()
         # What is loaded by now lives as long as the replica. `vllm serve` freezes
         # it out of the collector's sight once started, and so do we: without it
@@ -213,7 +218,7 @@ class VLLMEngine:
             else:
                 result = await handler(request, None)
         except Exception as exc:
-            raise _client_error_or_reraise(exc) from exc
+            raise _client_error_or_reraise(exc, fetches_media=_names_media_urls(body)) from exc
         if isinstance(result, ErrorResponse):
             raise error_for_status(result.error.code, result.error.message, param=result.error.param)
         if endpoint == "chat" and self._parses_reasoning:
@@ -224,6 +229,8 @@ class VLLMEngine:
             if result.status_code >= 400:
                 raise error_for_status(result.status_code, result.body.decode(errors="replace"))
             return bytes(result.body)
+        if hasattr(result, "body_iterator") and result.media_type != "text/event-stream":
+            return await _binary_output(result)  # embeddings as raw bytes
         return result if route.sse_ready else _named_sse_events(result)
 
     async def load_adapter(self, model_name: str, local_dir: str) -> None:
@@ -248,6 +255,28 @@ class VLLMEngine:
     async def model_cards(self) -> list[dict[str, Any]]:
         models = await self._state.openai_serving_models.show_available_models()
         return [card.model_dump() for card in models.data]
+
+    async def api_schema(self) -> dict[str, Any]:
+        if self._api_schema is None:
+            # Made on first ask, off the event loop: FastAPI takes seconds over vLLM's models.
+            self._api_schema = await asyncio.to_thread(self._vllm_serve_schema)
+        return self._api_schema
+
+    def _vllm_serve_schema(self) -> dict[str, Any]:
+        """What `vllm serve` of this model publishes, for the paths we route."""
+        from vllm.entrypoints.launchers.app import build_app
+
+        from llmserve.openapi import model_operations
+
+        app = build_app(self._app_args, self._supported_tasks, self._engine_client.model_config)
+        paths = [path for path, endpoint in API_PATHS.items() if endpoint in self._handlers]
+        schema = model_operations(app.openapi(), paths)
+        for path, operations in schema["paths"].items():
+            if self._handlers[API_PATHS[path]][2].uploads_audio:
+                # FastAPI calls a Form() model urlencoded; the file makes it multipart, as clients send it.
+                content = operations["post"]["requestBody"]["content"]
+                content[MULTIPART] = content.pop("application/x-www-form-urlencoded")
+        return schema
 
     async def check_health(self) -> None:
         if self._engine_client is None:
@@ -326,6 +355,13 @@ VLLM_ROUTES: dict[str, _Route] = {
 }
 
 
+async def _binary_output(response: Any) -> BinaryOutput:
+    """A whole binary answer vLLM gave as a Starlette streaming response."""
+    chunks = [chunk if isinstance(chunk, bytes) else chunk.encode() async for chunk in response.body_iterator]
+    described_by = {name: value for name, value in response.headers.items() if name not in ("content-type", "content-length")}
+    return BinaryOutput(b"".join(chunks), response.media_type, described_by)
+
+
 def _import(qualified_name: str) -> Any:
     module, _, name = qualified_name.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -350,19 +386,19 @@ def _validated(request_adapter: pydantic.TypeAdapter, body: dict[str, Any], rout
         return request_adapter.validate_python(with_named_json_schema(body))
     except pydantic.ValidationError as exc:
         raise _bad_request_from(exc) from exc
-    except ValueError as exc:
-        raise BadRequestError(str(exc)) from exc
     except HTTPException as exc:  # vLLM's own validators raise FastAPI's errors
         raise error_for_status(exc.status_code, str(exc.detail)) from exc
+    except Exception as exc:  # vLLM's validators raise its own errors too (VLLMValidationError)
+        raise _client_error_or_reraise(exc) from exc
 
 
-def _client_error_or_reraise(exc: Exception) -> Exception:
+def _client_error_or_reraise(exc: Exception, *, fetches_media: bool = False) -> Exception:
     """vLLM's own mapping of its exceptions to statuses; 5xx stay engine failures."""
     import aiohttp
 
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-    if isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError)):
+    if fetches_media and isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError)):
         # vLLM fetches a request's image/audio/video URLs itself; one that cannot be
         # fetched is the request's fault, not the engine's (vLLM answers it with a 500).
         return BadRequestError(f"A media URL in the request could not be fetched: {exc}", param="messages", code="media_fetch_failed")
@@ -371,6 +407,23 @@ def _client_error_or_reraise(exc: Exception) -> Exception:
     if error.code >= 500 and error.code not in (501, 503):
         return exc  # a real engine failure: the server logs it and names the request id
     return error_for_status(error.code, error.message, param=error.param)
+
+
+def _names_media_urls(body: dict[str, Any]) -> bool:
+    """Whether a message part names media by an http(s) URL, which vLLM fetches itself."""
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else body.get("input")
+    if not isinstance(messages, list):
+        return False
+    for message in messages:
+        parts = message.get("content") if isinstance(message, dict) else None
+        for part in parts if isinstance(parts, list) else ():
+            if not isinstance(part, dict):
+                continue
+            for value in part.values():
+                url = value.get("url") if isinstance(value, dict) else value
+                if isinstance(url, str) and url.startswith(("http://", "https://")):
+                    return True
+    return False
 
 
 def _bad_request_from(exc: pydantic.ValidationError) -> BadRequestError:

@@ -13,6 +13,15 @@ TEST_ENGINE_KWARGS = {"max_model_len": 512, "kv_cache_memory_bytes": 64 * 1024**
 SPEECH_ENGINE_KWARGS = {**TEST_ENGINE_KWARGS, "max_model_len": 448}
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fuzz-examples",
+        type=int,
+        default=20,
+        help="schemathesis requests per API operation and mode (valid, invalid) in the fuzz test; `make fuzz` sets 70",
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_model_paths() -> dict[str, str]:
     """Two tiny models with different weights, kept under the repo's models/ folder."""

@@ -78,6 +78,15 @@ def check_embedding_family(base_url, model):
     pooled = ok_json(post(base_url, "/pooling", {"model": model, "input": RELATED[0]}))["data"][0]["data"]
     assert math.isclose(cosine(pooled, vectors[0]), 1.0, abs_tol=1e-4)
 
+    # vLLM's binary embeddings: raw float32 bytes, described by a `metadata` header.
+    raw = post(base_url, "/v1/embeddings", {"model": model, "input": RELATED[0], "encoding_format": "bytes", "embed_dtype": "float32"})
+    assert raw.status_code == 200 and raw.headers["content-type"] == "application/octet-stream"
+    described = json.loads(raw.headers["metadata"])["data"][0]
+    assert described["shape"] == [384] and described["end"] - described["start"] == len(raw.content) == 384 * 4
+    import numpy as np
+
+    assert math.isclose(cosine(np.frombuffer(raw.content, dtype=np.float32).tolist(), vectors[0]), 1.0, abs_tol=1e-4)
+
 
 def check_cross_encoder(base_url, model):
     """A sequence classifier with one label serves classify, score and rerank, consistently."""

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import requests
 import yaml
 
 from llmserve.scripted_model import ANSWER, REASONING, TOOL_CALL, make_scripted_model
 from llmserve.tiny_model import make_tiny_vlm
 from tests.conftest import REPO, SPEECH_ENGINE_KWARGS, TEST_ENGINE_KWARGS
 from tests.e2e import surface
+from tests.e2e.fuzz import fuzz
 from tests.e2e.conftest import BIN, free_port, start, stop, wait_for_line
 
 EXAMPLES = REPO / "examples"
@@ -177,3 +179,28 @@ def red_png_url(tmp_path_factory):
 
 def test_vision_with_data_and_http_image_urls(base_url, red_png_url):
     surface.check_vision(base_url, "vlm", red_png_url=red_png_url)
+
+
+# The fast models: SmolLM2 generates a token in tens of milliseconds here, and a generated
+# request may ask for its whole context.
+FUZZED_MODELS = ["scripted", "minilm", "cross-encoder", "whisper", "vlm"]
+
+
+def replicas_by_model(base_url):
+    """Which replica answers each model: a replica that restarted answers from a new address."""
+    return {
+        model: requests.post(base_url + "/tokenize", json={"model": model, "prompt": "hi"}, timeout=60).headers["x-llmserve-replica"]
+        for model in FUZZED_MODELS
+    }
+
+
+def test_fuzzing_from_the_openapi_schema_finds_no_5xx(base_url, request):
+    """Schemathesis from /openapi.json: no 5xx, every 4xx in the OpenAI envelope, no replica restarted."""
+    before = replicas_by_model(base_url)
+    examples = request.config.getoption("--fuzz-examples")
+    report = fuzz(base_url, models=FUZZED_MODELS, examples_per_operation=examples)
+    print(f"fuzz: {report.requests} requests, answers by status {sorted(report.by_status.items())}")
+    assert report.requests >= 25 * examples  # ~18 operations, valid and invalid requests each
+    assert not report.failures, "\n".join(report.failures[:20])
+    assert report.by_status.get(200, 0) > 0  # some generated requests were valid and served
+    assert replicas_by_model(base_url) == before

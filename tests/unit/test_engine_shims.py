@@ -61,3 +61,15 @@ def test_reasoning_is_mirrored_in_whole_chat_answers():
     )
     message = json.loads(with_reasoning_content(answer).model_dump_json())["choices"][0]["message"]
     assert message["reasoning"] == message["reasoning_content"] == "Let me think."
+
+
+def test_only_requests_that_name_media_urls_turn_fetch_failures_into_400s():
+    from llmserve.vllm_engine import _names_media_urls
+
+    image = {"type": "image_url", "image_url": {"url": "http://10.0.0.1/cat.png"}}
+    assert _names_media_urls({"messages": [{"role": "user", "content": [image]}]})
+    assert _names_media_urls({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]})
+    assert not _names_media_urls({"messages": [{"role": "user", "content": "http://example.com is a site"}]})
+    data_url = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    assert not _names_media_urls({"messages": [{"role": "user", "content": [data_url]}]})
+    assert not _names_media_urls({"prompt": "hi"})

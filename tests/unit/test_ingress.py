@@ -216,3 +216,27 @@ def test_form_fields_keep_lists_and_files():
     body = asyncio.run(parse_body(f"multipart/form-data; boundary={boundary}", raw))
     assert body["model"] == "whisper" and body["timestamp_granularities[]"] == ["word", "segment"]
     assert isinstance(body["file"], UploadFile) and body["file"].filename == "a.wav"
+
+
+def test_openapi_document_merges_the_models_and_declares_our_errors(two_models):
+    document = call(two_models, "GET", "/openapi.json").json()
+    assert document["openapi"].startswith("3.") and document["info"]["title"] == "llmserve"
+    completions = document["paths"]["/v1/completions"]["post"]["responses"]
+    assert "422" not in completions and {"200", "400", "404", "413", "500", "503"} <= set(completions)
+    assert completions["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/LLMServeErrorResponse"}
+    assert {"/v1/models", "/v1/models/{model}", "/health"} <= set(document["paths"])
+    # The envelope the schema declares is the one an error carries.
+    error = call(two_models, "POST", "/v1/completions", json={"model": "gamma"}).json()
+    declared = document["components"]["schemas"]["LLMServeErrorResponse"]["properties"]["error"]["required"]
+    assert sorted(error["error"]) == sorted(declared)
+
+
+def test_model_operations_keep_only_the_referenced_schemas():
+    from llmserve.openapi import model_operations
+
+    schema = {
+        "paths": {"/a": {"post": {"requestBody": {"$ref": "#/components/schemas/A"}}}, "/b": {"post": {}}, "/c": {"get": {}}},
+        "components": {"schemas": {"A": {"properties": {"b": {"$ref": "#/components/schemas/B"}}}, "B": {}, "Unused": {}}},
+    }
+    kept = model_operations(schema, ["/a", "/c", "/missing"])
+    assert list(kept["paths"]) == ["/a"] and set(kept["components"]["schemas"]) == {"A", "B"}
