@@ -41,6 +41,10 @@ Endpoint = Literal[
     "pooling",
     "transcriptions",
     "translations",
+    "chat_batch",
+    "render_chat",
+    "render_completions",
+    "render_responses",
 ]
 
 # Every path of a model call, as `vllm serve` routes it, and the endpoint it is.
@@ -62,6 +66,11 @@ API_PATHS: dict[str, Endpoint] = {
     # Multipart forms with an audio file, not JSON (bodies.py).
     "/v1/audio/transcriptions": "transcriptions",
     "/v1/audio/translations": "translations",
+    # Several conversations in one request; prompts rendered to token ids, not generated.
+    "/v1/chat/completions/batch": "chat_batch",
+    "/v1/chat/completions/render": "render_chat",
+    "/v1/completions/render": "render_completions",
+    "/v1/responses/render": "render_responses",
 }
 ENDPOINT_PATHS: dict[Endpoint, str] = {endpoint: path for path, endpoint in reversed(API_PATHS.items())}
 

@@ -215,8 +215,10 @@ class VLLMEngine:
                 from vllm.entrypoints.speech_to_text.base.utils import read_upload_with_limit
 
                 result = await handler(await read_upload_with_limit(request.file), request, None)
-            else:
+            elif route.takes_raw_request:
                 result = await handler(request, None)
+            else:
+                result = await handler(request)
         except Exception as exc:
             raise _client_error_or_reraise(exc, fetches_media=_names_media_urls(body)) from exc
         if isinstance(result, ErrorResponse):
@@ -225,6 +227,8 @@ class VLLMEngine:
             result = with_reasoning_content(result)
         if isinstance(result, pydantic.BaseModel):
             return result.model_dump_json(by_alias=route.by_alias).encode()
+        if isinstance(result, list):  # one answer per prompt (completions render)
+            return b"[" + b",".join(item.model_dump_json(by_alias=route.by_alias).encode() for item in result) + b"]"
         if hasattr(result, "body") and hasattr(result, "status_code"):  # a Starlette response
             if result.status_code >= 400:
                 raise error_for_status(result.status_code, result.body.decode(errors="replace"))
@@ -321,6 +325,7 @@ class _Route:
     by_alias: bool = False  # vLLM dumps these answers with their fields' aliases
     sse_ready: bool = True  # False: it streams event objects, not SSE text
     uploads_audio: bool = False  # a multipart form: the handler takes the file's bytes first
+    takes_raw_request: bool = True  # False: the handler takes the request alone
 
 
 VLLM_ROUTES: dict[str, _Route] = {
@@ -340,6 +345,16 @@ VLLM_ROUTES: dict[str, _Route] = {
     "rerank": _Route("vllm.entrypoints.pooling.scoring.protocol:RerankRequest", "serving_scores"),
     "classify": _Route("vllm.entrypoints.pooling.classify.protocol:ClassificationRequest", "serving_classification"),
     "pooling": _Route("vllm.entrypoints.pooling.pooling.protocol:PoolingRequest", "serving_pooling"),
+    "chat_batch": _Route(
+        "vllm.entrypoints.openai.chat_completion.protocol:BatchChatCompletionRequest",
+        "openai_serving_chat_batch",
+        "create_batch_chat_completion",
+    ),
+    "render_chat": _Route("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest", "serving_render", "render_chat_request"),
+    "render_completions": _Route("vllm.entrypoints.openai.completion.protocol:CompletionRequest", "serving_render", "render_completion_request"),
+    "render_responses": _Route(
+        "vllm.entrypoints.openai.responses.protocol:ResponsesRequest", "serving_render", "render_responses_request", takes_raw_request=False
+    ),
     "transcriptions": _Route(
         "vllm.entrypoints.speech_to_text.transcription.protocol:TranscriptionRequest",
         "openai_serving_transcription",

@@ -158,8 +158,28 @@ def check_audio(base_url, model, *, chat_model):
     unsupported(post(base_url, "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "x"}]}), "chat")
 
 
+def check_batch_and_render(base_url, model):
+    """Several conversations in one call, and prompts rendered to the token ids the engine would run."""
+    question = [{"role": "user", "content": "Tell me a story"}]
+    other = [{"role": "user", "content": "Count to ten"}]
+    batch = ok_json(post(base_url, "/v1/chat/completions/batch", {"model": model, "messages": [question, other], "max_tokens": 4, "temperature": 0}))
+    assert [choice["index"] for choice in batch["choices"]] == [0, 1]
+    alone = ok_json(post(base_url, "/v1/chat/completions", {"model": model, "messages": question, "max_tokens": 4, "temperature": 0}))
+    assert batch["choices"][0]["message"]["content"] == alone["choices"][0]["message"]["content"]
+
+    chat_ids = ok_json(post(base_url, "/tokenize", {"model": model, "messages": question}))["tokens"]
+    rendered = ok_json(post(base_url, "/v1/chat/completions/render", {"model": model, "messages": question}))
+    assert rendered["token_ids"] == chat_ids
+    prompt_ids = ok_json(post(base_url, "/tokenize", {"model": model, "prompt": "Once upon a time"}))["tokens"]
+    rendered = ok_json(post(base_url, "/v1/completions/render", {"model": model, "prompt": "Once upon a time"}))
+    assert rendered[0]["token_ids"] == prompt_ids
+    rendered = ok_json(post(base_url, "/v1/responses/render", {"model": model, "input": "Tell me a story"}))
+    assert rendered["token_ids"] == chat_ids
+
+
 def check_every_endpoint(base_url, *, chat_model, embed_model, cross_encoder, speech_model):
     check_responses_api(base_url, chat_model)
+    check_batch_and_render(base_url, chat_model)
     check_tokenize_round_trip(base_url, chat_model, has_chat_template=True)
     check_tokenize_round_trip(base_url, embed_model, has_chat_template=False)
     check_embedding_family(base_url, embed_model)
