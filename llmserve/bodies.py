@@ -25,6 +25,8 @@ MULTIPART = "multipart/form-data"
 # A form is an audio upload and its options: a handful of fields, one file.
 MAX_FORM_FIELDS = 100
 MAX_FORM_FILES = 4
+# Deep enough for any real request (JSON schemas for structured output included).
+MAX_JSON_DEPTH = 64
 _FORM_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
@@ -44,9 +46,28 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequestError(f"The request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # nested deeper than Python's stack: the decoder gives up
+        raise _too_deep() from exc
     if not isinstance(body, dict):
         raise BadRequestError("The request body must be a JSON object.")
+    if _nesting_exceeds(body, MAX_JSON_DEPTH):
+        raise _too_deep()
     return body
+
+
+def _too_deep() -> BadRequestError:
+    return BadRequestError(f"The request body nests objects and arrays deeper than {MAX_JSON_DEPTH} levels.")
+
+
+def _nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests containers deeper than ``limit`` (no recursion: a deep
+    body must not exhaust the stack of whatever walks it later, pydantic or vLLM)."""
+    level = [value]
+    for _ in range(limit):
+        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node) if isinstance(child, (dict, list))]
+        if not level:
+            return False
+    return True
 
 
 async def _parse_form(content_type: str, raw: bytes) -> dict[str, Any]:

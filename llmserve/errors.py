@@ -90,10 +90,24 @@ class MethodNotAllowedError(LLMServeError):
     default_code = "method_not_allowed"
 
 
+class RequestTimeoutError(LLMServeError):
+    """The client did not send its request in time (a stalled head or body)."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
 class PayloadTooLargeError(LLMServeError):
     status_code = 413
     error_type = "invalid_request_error"
     default_code = "payload_too_large"
+
+
+class HeaderFieldsTooLargeError(LLMServeError):
+    status_code = 431
+    error_type = "invalid_request_error"
+    default_code = "request_header_fields_too_large"
 
 
 class EngineError(LLMServeError):

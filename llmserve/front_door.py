@@ -35,17 +35,42 @@ from typing import Any, Awaitable, Callable, Optional
 
 import httptools
 
-from llmserve.errors import BadRequestError, LLMServeError, PayloadTooLargeError, ServiceUnavailableError
+from llmserve.errors import (
+    BadRequestError,
+    HeaderFieldsTooLargeError,
+    LLMServeError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    ServiceUnavailableError,
+)
 from llmserve.handoff import HandoffCall, address_for
 
 logger = logging.getLogger(__name__)
 
-# Bodies past this are refused before they reach a replica (images as base64 fit).
+# Bodies past this are refused before they reach a replica (images as base64 fit):
+# at once when the head declares it, else as soon as that much has arrived.
 MAX_BODY_BYTES = 64 * 1024 * 1024
+# A request head (request line and headers) larger than this, or with more
+# headers, is refused with 431; clients send a few kilobytes and a dozen or two.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
+# A client must send a request's head within HEAD_TIMEOUT_S of its first byte and
+# not pause longer than BODY_STALL_S within its body (408 otherwise); a connection
+# with no request for IDLE_TIMEOUT_S is closed. Stalled clients then hold a
+# socket for seconds, not forever. Nothing times out while a request is answered.
+HEAD_TIMEOUT_S = 15.0
+BODY_STALL_S = 30.0
+IDLE_TIMEOUT_S = 75.0
 # Hop-by-hop headers: they describe one connection, not the request.
 _HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"expect", b"host"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_REASONS = {400: b"Bad Request", 413: b"Payload Too Large", 503: b"Service Unavailable"}
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Payload Too Large",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
 
 
 @dataclass
@@ -145,21 +170,26 @@ class _ClientConnection(asyncio.Protocol):
         self._upstream: Optional[_UpstreamConnection] = None
         self._handoff: Optional[HandoffCall] = None
         self._closed = False
+        self._head_size = 0
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._refusal: Optional[LLMServeError] = None  # the answer that ends this connection
 
     # asyncio.Protocol
     def connection_made(self, transport: Any) -> None:
         self._transport = transport
+        self._wait(IDLE_TIMEOUT_S, self._close_idle)
 
     def data_received(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._answer_and_close(BadRequestError("Protocol upgrades are not supported."))
+            self._refuse(BadRequestError("Protocol upgrades are not supported."))
         except httptools.HttpParserError as exc:
-            self._answer_and_close(BadRequestError(f"Malformed HTTP request: {exc}"))
+            self._refuse(BadRequestError(f"Malformed HTTP request: {exc}"))
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._closed = True
+        self._wait(None)
         if self._upstream is not None:
             self._upstream.abandon()  # closing it is how the replica (and its engine) hears the client left
         if self._handoff is not None:
@@ -175,34 +205,59 @@ class _ClientConnection(asyncio.Protocol):
         if self._upstream is not None:
             self._upstream.resume()
 
-    # httptools callbacks
+    # httptools callbacks; once the connection is refused, what else it sent is ignored
     def on_message_begin(self) -> None:
         self._reading = HttpRequest(b"", b"", [], b"", True)
-        self._body, self._body_size = [], 0
+        self._body, self._body_size, self._head_size = [], 0, 0
+        self._wait(HEAD_TIMEOUT_S, self._too_slow)
 
     def on_url(self, url: bytes) -> None:
         self._reading.path += url
+        self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._reading.headers.append((name.lower(), value))
+        self._count_head(len(name) + len(value))
+        if len(self._reading.headers) > MAX_HEADERS and not self._stopped():
+            self._refuse(HeaderFieldsTooLargeError(f"The request has more than {MAX_HEADERS} headers."))
+
+    def _count_head(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > MAX_HEAD_BYTES and not self._stopped():
+            self._refuse(HeaderFieldsTooLargeError(f"The request head is larger than {MAX_HEAD_BYTES} bytes."))
 
     def on_headers_complete(self) -> None:
+        if self._stopped():
+            return
         self._reading.method = self._parser.get_method()
         self._reading.http_version = self._parser.get_http_version()
         self._reading.keep_alive = self._parser.should_keep_alive()
+        declared = self._reading.header(b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > MAX_BODY_BYTES:
+            self._refuse_body()  # before reading any of it
+            return
+        self._wait(BODY_STALL_S, self._too_slow)
         if (self._reading.header(b"expect") or b"").lower() == b"100-continue":
             self._transport.write(_CONTINUE)
 
     def on_body(self, chunk: bytes) -> None:
+        if self._stopped():
+            return
         self._body_size += len(chunk)
-        if self._body_size <= MAX_BODY_BYTES:
-            self._body.append(chunk)
+        if self._body_size > MAX_BODY_BYTES:
+            self._refuse_body()
+            return
+        self._body.append(chunk)
+        self._wait(BODY_STALL_S, self._too_slow)
+
+    def _refuse_body(self) -> None:
+        self._refuse(PayloadTooLargeError(f"The request body is larger than {MAX_BODY_BYTES} bytes."))
 
     def on_message_complete(self) -> None:
-        request, self._reading = self._reading, None
-        if self._body_size > MAX_BODY_BYTES:
-            self._answer_and_close(PayloadTooLargeError(f"The request body is larger than {MAX_BODY_BYTES} bytes."))
+        if self._stopped():
             return
+        self._wait(None)  # the client waits for the answer now, as long as it takes
+        request, self._reading = self._reading, None
         request.body = b"".join(self._body)
         self._pending.append(request)
         if self._worker is None or self._worker.done():
@@ -215,6 +270,42 @@ class _ClientConnection(asyncio.Protocol):
             if not kept_alive:
                 self._transport.close()
                 return
+        if self._refusal is not None and not self._closed:
+            self._answer_and_close(self._refusal)
+        elif not self._closed and self._reading is None:
+            self._wait(IDLE_TIMEOUT_S, self._close_idle)
+
+    def _stopped(self) -> bool:
+        return self._closed or self._refusal is not None
+
+    def _refuse(self, error: LLMServeError) -> None:
+        """End the connection with ``error`` after the answers to the requests before it:
+        a replica may be writing to this socket right now, and two writers would
+        interleave. Nothing the client sent after the refused request is read."""
+        self._refusal = error
+        self._wait(None)
+        self._transport.pause_reading()
+        if self._worker is None or self._worker.done():
+            self._answer_and_close(error)
+
+    # Timeouts: one timer per connection, for what the client must do next.
+    def _wait(self, seconds: Optional[float], on_timeout: Optional[Callable[[], None]] = None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if seconds is not None and not self._closed:
+            self._timer = asyncio.get_running_loop().call_later(seconds, on_timeout)
+
+    def _too_slow(self) -> None:
+        self._timer = None
+        if not self._stopped():
+            self._refuse(RequestTimeoutError("The request was not sent in time."))
+
+    def _close_idle(self) -> None:
+        self._timer = None
+        if not self._closed and self._reading is None and not self._pending and (self._worker is None or self._worker.done()):
+            self._closed = True
+            self._transport.close()
 
     async def _serve(self, request: HttpRequest) -> bool:
         """Splice one request's answer to the client; whether the connection stays open."""

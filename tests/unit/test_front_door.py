@@ -336,3 +336,63 @@ def test_a_handed_off_stream_cut_short_ends_with_one_error_event():
         assert ended == [1] and listener.taken == 1
 
     asyncio.run(go())
+
+
+async def answer_to(port, data, read_until=b"}}"):
+    _, writer, answer = await raw_exchange(port, data, read_until=read_until)
+    writer.close()
+    return answer
+
+
+def test_request_heads_past_the_limits_are_431_and_declared_huge_bodies_413_at_once():
+    async def go():
+        door = FrontDoor(lambda request: pytest.fail("routed a request it should have refused"))
+        await door.start("127.0.0.1", 0)
+        many = b"".join(b"x-h%d: v\r\n" % index for index in range(front_door_module.MAX_HEADERS + 1))
+        too_many = await answer_to(door.port, b"GET /health HTTP/1.1\r\nhost: x\r\n" + many + b"\r\n")
+        long_head = await answer_to(door.port, b"GET /health HTTP/1.1\r\nx-big: " + b"a" * (front_door_module.MAX_HEAD_BYTES + 1) + b"\r\n\r\n")
+        # Two gigabytes declared, none sent: the answer comes before any of the body.
+        huge = await answer_to(door.port, b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2147483648\r\n\r\n")
+        door.close()
+        assert too_many.startswith(b"HTTP/1.1 431 ") and b'"request_header_fields_too_large"' in too_many
+        assert long_head.startswith(b"HTTP/1.1 431 ")
+        assert huge.startswith(b"HTTP/1.1 413 ") and b'"payload_too_large"' in huge
+
+    asyncio.run(go())
+
+
+def test_stalled_clients_get_408_and_idle_connections_are_closed(monkeypatch):
+    async def go():
+        monkeypatch.setattr(front_door_module, "HEAD_TIMEOUT_S", 0.2)
+        monkeypatch.setattr(front_door_module, "BODY_STALL_S", 0.2)
+        monkeypatch.setattr(front_door_module, "IDLE_TIMEOUT_S", 0.3)
+        door = FrontDoor(lambda request: pytest.fail("routed a request it should have refused"))
+        await door.start("127.0.0.1", 0)
+        slow_head = await answer_to(door.port, b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n")
+        slow_body = await answer_to(door.port, b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+        reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+        idle_closed = await asyncio.wait_for(reader.read(), 5)  # EOF once the idle timeout passed
+        writer.close()
+        door.close()
+        assert slow_head.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in slow_head
+        assert slow_body.startswith(b"HTTP/1.1 408 ")
+        assert idle_closed == b""
+
+    asyncio.run(go())
+
+
+def test_a_bad_request_pipelined_behind_a_stream_is_answered_after_the_stream():
+    async def go():
+        async with Door() as door:
+            body = json.dumps(chat("slow one two three four five", stream=True)).encode()
+            first = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+            reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+            writer.write(first + body + b"NOT HTTP AT ALL\r\n\r\n")
+            everything = await asyncio.wait_for(reader.read(), 10)  # the door closes after the 400
+            writer.close()
+        stream_end = everything.index(b"data: [DONE]")
+        refusal = everything.index(b"HTTP/1.1 400 ")
+        assert everything.count(b"HTTP/1.1 200 ") == 1 and stream_end < refusal
+        assert everything[:refusal].count(b"data: {") == 6  # "slow" and five words, none cut
+
+    asyncio.run(go())

@@ -240,3 +240,23 @@ def test_model_operations_keep_only_the_referenced_schemas():
     }
     kept = model_operations(schema, ["/a", "/c", "/missing"])
     assert list(kept["paths"]) == ["/a"] and set(kept["components"]["schemas"]) == {"A", "B"}
+
+
+def test_json_nested_past_the_limit_is_400(two_models):
+    from llmserve.bodies import MAX_JSON_DEPTH
+
+    deep = "[" * 5000 + "]" * 5000
+    error = assert_envelope(call(two_models, "POST", "/v1/completions", content=f'{{"model": "alpha", "prompt": {deep}}}'), 400)
+    assert "deeper" in error["message"]
+    just_too_deep = {"model": "alpha", "prompt": "x", "extra": {}}
+    node = just_too_deep["extra"]
+    for _ in range(MAX_JSON_DEPTH - 1):  # the body, `extra` and these: one level past the limit
+        node["n"] = {}
+        node = node["n"]
+    assert_envelope(call(two_models, "POST", "/v1/completions", json=just_too_deep), 400)
+    fine = {"model": "alpha", "prompt": "x", "extra": {}}
+    node = fine["extra"]
+    for _ in range(MAX_JSON_DEPTH - 2):
+        node["n"] = {}
+        node = node["n"]
+    assert call(two_models, "POST", "/v1/completions", json=fine).status_code == 200
