@@ -35,6 +35,11 @@ class LLMServingArgs(_Strict):
     ingress_deployment_config: dict[str, Any] = Field(
         default_factory=dict, description="Ray Serve options of the ingress deployment."
     )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Keys clients must send as `Authorization: Bearer <key>` (as `vllm serve --api-key`); "
+        "a secret belongs in the LLMSERVE_API_KEY environment variable instead.",
+    )
 
     @field_validator("llm_configs")
     @classmethod
@@ -109,4 +114,7 @@ def build_openai_app_at(
         for config in args.load_configs(base_dir)
     ]
     ingress = OpenAiIngress.as_deployment(args.ingress_deployment_config)
-    return ingress.bind(deployments, front_door=front_door) if front_door else ingress.bind(deployments)
+    options: dict[str, Any] = {"api_keys": args.api_keys} if args.api_keys else {}
+    if front_door:
+        options["front_door"] = front_door
+    return ingress.bind(deployments, **options)

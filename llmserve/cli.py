@@ -59,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
         help="also start Ray's dashboard (needed by `serve status`) with a Ray this command starts; "
         "off by default: its processes cost seconds of CPU at start-up",
     )
+    run_cmd.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="require `Authorization: Bearer KEY` on every API route but /health (repeatable; as `vllm serve "
+        "--api-key`); LLMSERVE_API_KEY holds keys without putting them on the command line",
+    )
     run_cmd.add_argument("--ready-timeout", type=float, default=1800, help="seconds to wait for models to load")
     return parser
 
@@ -74,10 +81,11 @@ def load_serve_config(path: Path) -> dict[str, Any]:
 
 
 def build_applications(
-    config: dict[str, Any], base_dir: Path, front_door: Optional[dict[str, Any]] = None
+    config: dict[str, Any], base_dir: Path, front_door: Optional[dict[str, Any]] = None, api_keys: list[str] = ()
 ) -> list[tuple[dict[str, Any], Any]]:
     """Each application of a Serve config, built by its import_path (``build_openai_app``
-    ones with the ingress listening on ``front_door`` itself, when given)."""
+    ones with the ingress listening on ``front_door`` itself, when given, and requiring
+    ``api_keys`` besides their own)."""
     from ray._common.utils import import_attr
 
     from llmserve.builder import build_openai_app, build_openai_app_at
@@ -87,6 +95,8 @@ def build_applications(
         builder = import_attr(application.get("import_path", DEFAULT_BUILDER).replace(":", "."))
         args = application.get("args", {})
         if builder is build_openai_app:
+            if api_keys:
+                args = {**args, "api_keys": [*args.get("api_keys", []), *api_keys]}
             app = build_openai_app_at(args, base_dir=base_dir, front_door=front_door)
         else:
             app = builder(args) if callable(builder) and not hasattr(builder, "bind") else builder
@@ -180,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     if started_ray:
         _configure_local_serve("none" if use_front_door else "ray" if args.proxy == "ray" else "haproxy")
     front_door = {"host": host, "port": port} if use_front_door else None
-    applications = build_applications(config, base_dir, front_door)  # config errors surface before Ray starts
+    applications = build_applications(config, base_dir, front_door, args.api_key)  # config errors surface before Ray starts
     reservation = None
     if started_ray:  # fail now if the port is taken, not after the models load
         from llmserve.front_door import reserve_port

@@ -72,6 +72,14 @@ class ContextLengthExceededError(BadRequestError):
     default_code = "context_length_exceeded"
 
 
+class UnauthorizedError(LLMServeError):
+    """No API key, or not one of the app's (401, as OpenAI answers it)."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
 class ModelNotFoundError(LLMServeError):
     status_code = 404
     error_type = "invalid_request_error"

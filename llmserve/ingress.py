@@ -22,10 +22,12 @@ from typing import Any, Optional
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from llmserve.auth import ApiKeyGuard, ApiKeys
 from llmserve.bodies import JSON, parse_body
 from llmserve.engine import API_PATHS, Endpoint
 from llmserve.errors import (
@@ -147,8 +149,8 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
     return error_response(EngineError(f"Internal error serving request {request_id or ''}".strip()), request_id)
 
 
-def build_http_app(router: ModelRouter) -> Starlette:
-    """The OpenAI HTTP API over a router, as a plain ASGI app."""
+def build_http_app(router: ModelRouter, keys: ApiKeys = ApiKeys(())) -> Starlette:
+    """The OpenAI HTTP API over a router, as a plain ASGI app (behind ``keys``, if any)."""
     list_models, retrieve_model = _models_endpoints(router)
     routes = [Route(path, _api_endpoint(endpoint, router), methods=["POST"]) for path, endpoint in API_PATHS.items()]
     routes += [
@@ -160,18 +162,22 @@ def build_http_app(router: ModelRouter) -> Starlette:
     return Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error, Exception: _unexpected_error},
+        middleware=[Middleware(ApiKeyGuard, keys=keys)] if keys.required else [],
     )
 
 
 _API_ENDPOINTS = {path.encode(): endpoint for path, endpoint in API_PATHS.items()}
 
 
-def front_door_route(router: ModelRouter, own_app: tuple[str, int]):
+def front_door_route(router: ModelRouter, own_app: tuple[str, int], keys: ApiKeys = ApiKeys(())):
     """Where the front door sends each request: API calls for a served model to a replica
-    of it, everything else (lists, health, errors) to the ingress's own app at ``own_app``."""
+    of it, everything else (lists, health, errors, requests without a valid key) to the
+    ingress's own app at ``own_app``."""
 
     async def route(request: HttpRequest) -> Upstream:
         endpoint = _API_ENDPOINTS.get(request.path.split(b"?", 1)[0]) if request.method == b"POST" else None
+        if endpoint is not None and not keys.allows(request.header(b"authorization")):
+            endpoint = None  # the own app answers it: 401
         if endpoint is not None:
             try:
                 content_type = (request.header(b"content-type") or JSON.encode()).decode("latin-1")
@@ -209,12 +215,12 @@ async def _to_replica(
     return Upstream(host, int(port), request_id, extra_headers, done, elsewhere if may_retry else None, last_words, hand_off=True)
 
 
-async def open_front_door(router: ModelRouter, host: str, port: int) -> FrontDoor:
+async def open_front_door(router: ModelRouter, host: str, port: int, keys: ApiKeys = ApiKeys(())) -> FrontDoor:
     """A front door for ``router`` listening on host:port, with the ingress's own app
     (on an internal port) behind it for everything that is not a replica's to answer."""
-    _, own_url = await start_http_server(build_http_app(router), "127.0.0.1")
+    _, own_url = await start_http_server(build_http_app(router, keys), "127.0.0.1")
     own_host, own_port = own_url.removeprefix("http://").rsplit(":", 1)
-    door = FrontDoor(front_door_route(router, (own_host, int(own_port))))
+    door = FrontDoor(front_door_route(router, (own_host, int(own_port)), keys))
     await door.start(host, port)
     return door
 
@@ -227,18 +233,21 @@ class OpenAiIngress:
     (``front_door.py``); ``llmserve run`` uses it in place of Serve's proxy.
     """
 
-    async def __init__(self, llm_deployments: list[Any], front_door: Optional[dict[str, Any]] = None):
+    async def __init__(
+        self, llm_deployments: list[Any], front_door: Optional[dict[str, Any]] = None, api_keys: Optional[list[str]] = None
+    ):
         log_into_serve_replica_log()
+        self._keys = ApiKeys.configured(api_keys or ())
         configs = await asyncio.gather(*(handle.llm_config.remote() for handle in llm_deployments))
         self._router = ModelRouter(
             {config.model_id: ReplicaRelay(handle) for config, handle in zip(configs, llm_deployments)}
         )
         self._door: Optional[FrontDoor] = None
         if front_door:
-            self._door = await open_front_door(self._router, front_door["host"], int(front_door["port"]))
+            self._door = await open_front_door(self._router, front_door["host"], int(front_door["port"]), self._keys)
 
     def __serve_build_asgi_app__(self) -> Starlette:
-        return build_http_app(self._router)
+        return build_http_app(self._router, self._keys)
 
     @classmethod
     def as_deployment(cls, deployment_options: Optional[dict[str, Any]] = None):

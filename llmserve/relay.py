@@ -21,7 +21,8 @@ requests in flight without a Ray call per request.
 
 Requests for a LoRA adapter (``base:adapter``) prefer a replica the ingress
 already sent that adapter to, unless it is much busier than the others; each
-response names its replica in the ``x-llmserve-replica`` header.
+response names its replica (Serve's name for it, not its address) in the
+``x-llmserve-replica`` header.
 
 Example::
 
@@ -55,7 +56,7 @@ MAX_LEASE_S = 3600.0
 # them, so the ingress never sends on a connection the replica is closing.
 REPLICA_KEEP_ALIVE_S = 75
 INGRESS_KEEP_ALIVE_S = 15
-# Which replica answered: every response carries its data-plane URL.
+# Which replica answered: every response carries its name.
 REPLICA_HEADER = "x-llmserve-replica"
 # A replica that holds a request's adapter is preferred while it has at most
 # this many more requests in flight than the least busy one; past that, the
@@ -288,8 +289,9 @@ def _in_background(work: Any) -> None:
 class ReplicaDataPlane:
     """A replica's own HTTP server (uvicorn, on a free port of its node)."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, name: str = "replica"):
         self._app = app
+        self._name = name  # what answers say in x-llmserve-replica: a name, never an address
         self._url: Optional[str] = None
         self._server: Any = None
         self._handoff: Optional[HandoffListener] = None
@@ -321,7 +323,7 @@ class ReplicaDataPlane:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self._app(scope, receive, send)
-        replica = (self._url or "").encode()
+        replica = self._name.encode()
 
         async def send_naming_replica(message: dict) -> None:
             if message["type"] == "http.response.start":

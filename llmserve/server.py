@@ -40,6 +40,19 @@ def _default_engine_cls() -> type[Engine]:
     return VLLMEngine
 
 
+def _replica_name(model_id: str) -> str:
+    """Serve's name for this replica (deployment#id); outside Serve, the model id and a random suffix."""
+    try:
+        from ray import serve
+
+        context = serve.get_replica_context()
+        return f"{context.deployment}#{context.replica_id.unique_id}"
+    except Exception:  # not in a Serve replica (tests, notebooks)
+        import uuid
+
+        return f"{model_id}#{uuid.uuid4().hex[:8]}"
+
+
 class LLMServer:
     """Serves one model on one replica; Serve scales it by replicas."""
 
@@ -53,7 +66,7 @@ class LLMServer:
         finally:
             reopen_serve_replica_log()  # vLLM's logging set-up closed it (logs.py)
         self._adapters = self._adapter_set()
-        self._data_plane = ReplicaDataPlane(self._own_http_app())
+        self._data_plane = ReplicaDataPlane(self._own_http_app(), _replica_name(self._config.model_id))
 
     def _adapter_set(self) -> Optional[LoadedAdapters]:
         lora = self._config.lora_config

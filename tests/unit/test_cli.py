@@ -22,3 +22,13 @@ def test_single_model_config_builds_one_app():
     [(application, app)] = build_applications(config, base_dir=None)
     assert application["route_prefix"] == "/"
     assert app is not None
+
+
+def test_api_keys_from_the_command_line_join_the_apps_own():
+    from llmserve.cli import _parser
+
+    args = _parser().parse_args(["run", "--model", "/m/x", "--api-key", "k1", "--api-key", "k2"])
+    config = _single_model_config("/m/x", None)
+    config["applications"][0]["args"]["api_keys"] = ["k0"]
+    [(_, app)] = build_applications(config, base_dir=None, api_keys=args.api_key)
+    assert app._bound_deployment.init_kwargs["api_keys"] == ["k0", "k1", "k2"]

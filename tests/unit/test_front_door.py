@@ -66,7 +66,7 @@ def test_answers_errors_and_lists_share_one_kept_alive_connection():
             models = await http.get("/v1/models")
             assert whole.status_code == 200 and whole.json()["id"] == "w-1"
             assert whole.headers["x-request-id"] == "w-1" and "connection" not in whole.headers
-            assert whole.headers["x-llmserve-replica"] == await door.server._data_plane.url()
+            assert whole.headers["x-llmserve-replica"].startswith("alpha#")  # a name, not the address
             events = [line[len("data: "):] for line in streamed.text.split("\n\n") if line]
             assert [json.loads(event)["choices"][0]["text"] for event in events[:-1]] == ["a", "b", "c"]
             assert events[-1] == "[DONE]"
@@ -287,7 +287,7 @@ def test_a_replica_on_this_node_answers_on_the_client_socket_which_stays_the_fro
             _, models = await read_response(reader)
             writer.close()
             assert whole_head.startswith(b"HTTP/1.1 200 ") and json.loads(whole)["choices"][0]["text"] == "one two"
-            assert b"x-llmserve-replica: http://127.0.0.1:" in whole_head
+            assert b"x-llmserve-replica: alpha#" in whole_head and b"127.0.0.1" not in whole_head
             assert b"transfer-encoding: chunked" in stream_head and b"text/event-stream" in stream_head
             assert stream.count(b"data: ") == 4 and stream.endswith(b"data: [DONE]\n\n")
             assert [card["id"] for card in json.loads(models)["data"]] == ["alpha"]
@@ -394,5 +394,26 @@ def test_a_bad_request_pipelined_behind_a_stream_is_answered_after_the_stream():
         refusal = everything.index(b"HTTP/1.1 400 ")
         assert everything.count(b"HTTP/1.1 200 ") == 1 and stream_end < refusal
         assert everything[:refusal].count(b"data: {") == 6  # "slow" and five words, none cut
+
+    asyncio.run(go())
+
+
+def test_the_front_door_answers_requests_without_a_valid_key_with_401():
+    async def go():
+        from llmserve.auth import ApiKeys
+
+        config = LLMConfig(model_loading_config={"model_id": "alpha"})
+        server = await LLMServer.create(config, engine_cls=FakeEngine)
+        door = await open_front_door(ModelRouter({"alpha": ReplicaRelay(InProcessHandle(server))}), "127.0.0.1", 0, ApiKeys(["sk-1"]))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{door.port}") as http:
+            refused = await http.post("/v1/chat/completions", json=chat("hi"))
+            served = await http.post("/v1/chat/completions", json=chat("hi"), headers={"authorization": "Bearer sk-1"})
+            health = await http.get("/health")
+        door.close()
+        handed_off = server._data_plane.handoffs_taken
+        server.__del__()
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert served.status_code == 200 and handed_off == 1  # only the authorized request reached the replica
+        assert health.status_code == 200
 
     asyncio.run(go())

@@ -260,3 +260,29 @@ def test_json_nested_past_the_limit_is_400(two_models):
         node["n"] = {}
         node = node["n"]
     assert call(two_models, "POST", "/v1/completions", json=fine).status_code == 200
+
+
+def test_api_keys_guard_every_route_but_health(monkeypatch):
+    from llmserve.auth import ApiKeys
+
+    async def build():
+        server = await LLMServer.create(LLMConfig(model_loading_config={"model_id": "alpha"}), engine_cls=FakeEngine)
+        monkeypatch.setenv("LLMSERVE_API_KEY", "from-env, second-env")
+        return build_http_app(ModelRouter({"alpha": LocalBackend(server)}), ApiKeys.configured(["sk-app"]))
+
+    app = asyncio.run(build())
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic sk-app"}, {"authorization": "Bearer"}):
+        error = assert_envelope(call(app, "POST", "/v1/chat/completions", json=chat("hi"), headers=headers), 401, "invalid_api_key")
+        assert "sk-app" not in error["message"]
+        assert_envelope(call(app, "GET", "/v1/models", headers=headers), 401)
+    for key in ("sk-app", "from-env", "second-env"):
+        assert call(app, "POST", "/v1/chat/completions", json=chat("hi"), headers={"authorization": f"Bearer {key}"}).status_code == 200
+    assert call(app, "GET", "/health").status_code == 200
+    assert call(app, "GET", "/v1/models", headers={"authorization": "bearer sk-app"}).status_code == 200
+
+
+def test_without_keys_the_api_is_open(monkeypatch):
+    from llmserve.auth import ApiKeys
+
+    monkeypatch.delenv("LLMSERVE_API_KEY", raising=False)
+    assert not ApiKeys.configured([]).required and ApiKeys.configured([]).allows(None)
