@@ -68,19 +68,9 @@ def _save_tokenizer(
 ) -> None:
     """A byte-level BPE tokenizer trained on a small corpus; ``added_tokens`` are whole
     tokens that are not special (they stay in decoded text)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(special_tokens),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator([_CORPUS] * 50, trainer=trainer)
+    tokenizer = _trained_bpe(vocab_size, special_tokens, unk_token="<unk>")
     tokenizer.add_tokens(list(added_tokens))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -91,6 +81,23 @@ def _save_tokenizer(
     )
     fast.chat_template = chat_template
     fast.save_pretrained(path)
+
+
+def _trained_bpe(vocab_size: int, special_tokens: list[str], unk_token: str | None = None):
+    """A byte-level BPE (a ``tokenizers.Tokenizer``) trained on the small corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token=unk_token))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([_CORPUS] * 50, trainer=trainer)
+    return tokenizer
 
 
 def tiny_llama_config(vocab_size: int, **overrides):
@@ -226,7 +233,6 @@ def make_tiny_whisper(path: str | Path, *, seed: int = 0) -> Path:
     if already_made(path, fingerprint):
         return path
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizerFast
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
@@ -234,11 +240,7 @@ def make_tiny_whisper(path: str | Path, *, seed: int = 0) -> Path:
     end = "<|endoftext|>"
     controls = ["<|startoftranscript|>", *(f"<|{code}|>" for code in LANGUAGES)]
     controls += ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=[end], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator([_CORPUS] * 50, trainer=trainer)
+    bpe = _trained_bpe(1024, [end])
     bpe.add_special_tokens(controls)
     tokenizer = WhisperTokenizerFast(tokenizer_object=bpe)
     config = WhisperConfig(

@@ -17,6 +17,7 @@ from llmserve.tiny_model import make_tiny_vlm
 from tests.conftest import REPO, SPEECH_ENGINE_KWARGS, TEST_ENGINE_KWARGS
 from tests.e2e import surface
 from tests.e2e.fuzz import fuzz
+from tests.e2e.hostile import send_corpus
 from tests.e2e.conftest import BIN, free_port, start, stop, wait_for_line
 
 EXAMPLES = REPO / "examples"
@@ -204,3 +205,13 @@ def test_fuzzing_from_the_openapi_schema_finds_no_5xx(base_url, request):
     assert not report.failures, "\n".join(report.failures[:20])
     assert report.by_status.get(200, 0) > 0  # some generated requests were valid and served
     assert replicas_by_model(base_url) == before
+
+
+def test_hostile_requests_get_a_clear_4xx_and_the_app_keeps_serving(base_url):
+    """Raw bytes over sockets (tests/e2e/hostile.py): each request gets the status it must, never a 5xx or a hang."""
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    answers = [(case, status) for case, status in send_corpus(host, int(port), model="scripted", context_length=TEST_ENGINE_KWARGS["max_model_len"])]
+    wrong = [f"{case.name}: {status} (expected {case.expected})" for case, status in answers if status != case.expected]
+    assert not wrong, wrong
+    assert len(answers) >= 25
+    assert requests.post(base_url + "/v1/completions", json={"model": "scripted", "prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 200
