@@ -4,8 +4,7 @@ Either becomes one dict of fields, parsed once where a request enters (the
 ingress's app, the front door) so routing reads `model` the same way for both.
 A form's fields stay the strings that were sent (vLLM's request types coerce
 them, as FastAPI's ``Form()`` does for ``vllm serve``), repeated fields and
-``name[]`` fields become lists, files are Starlette ``UploadFile`` objects,
-and ``stream`` is a bool as in JSON.
+``name[]`` fields become lists, and files are Starlette ``UploadFile`` objects.
 
 Example::
 
@@ -27,7 +26,6 @@ MAX_FORM_FIELDS = 100
 MAX_FORM_FILES = 4
 # Deep enough for any real request (JSON schemas for structured output included).
 MAX_JSON_DEPTH = 64
-_FORM_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
 def media_type(content_type: str) -> str:
@@ -89,9 +87,4 @@ async def _parse_form(content_type: str, raw: bytes) -> dict[str, Any]:
             body[name] = [*(earlier if isinstance(earlier, list) else [earlier]), value]
         else:
             body[name] = value
-    stream = body.get("stream")
-    if isinstance(stream, str):
-        if stream.strip().lower() not in _FORM_BOOLEANS:
-            raise BadRequestError("`stream` must be true or false.", param="stream")
-        body["stream"] = _FORM_BOOLEANS[stream.strip().lower()]
     return body

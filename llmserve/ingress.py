@@ -20,6 +20,7 @@ import logging
 import uuid
 from typing import Any, Optional
 
+import pydantic
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -56,6 +57,7 @@ DEFAULT_INGRESS_OPTIONS = {
 }
 
 
+_BOOLEAN = pydantic.TypeAdapter(bool)
 # A request id is echoed in the x-request-id header: it must be a valid header value.
 MAX_REQUEST_ID_CHARS = 256
 
@@ -92,12 +94,15 @@ def _body_request_id(body: dict[str, Any]) -> Optional[str]:
 
 
 def _stream_flag(body: dict[str, Any]) -> bool:
-    stream = body.get("stream", False)
+    """The request's `stream`, read as vLLM's request types read it (pydantic's booleans:
+    `true`, `"yes"`, `"1"`, a form's `"true"`...); anything else is a 400."""
+    stream = body.get("stream")
     if stream is None:
         return False
-    if not isinstance(stream, bool):
-        raise BadRequestError("`stream` must be true or false.", param="stream")
-    return stream
+    try:
+        return _BOOLEAN.validate_python(stream)
+    except pydantic.ValidationError as exc:
+        raise BadRequestError("`stream` must be true or false.", param="stream") from exc
 
 
 def _models_endpoints(router: ModelRouter):

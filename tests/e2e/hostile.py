@@ -57,7 +57,7 @@ def corpus(model: str, context_length: int) -> list[Hostile]:
         Hostile("a negative max_tokens", _post(chat_path, _chat(model, max_tokens=-1)), 400),
         Hostile("max_tokens past the context", _post(chat_path, _chat(model, max_tokens=10**12)), 400),
         Hostile("temperature a word", _post(chat_path, _chat(model, temperature="hot")), 400),
-        Hostile("`stream` a word", _post(chat_path, _chat(model, stream="yes")), 400),
+        Hostile("`stream` a word", _post(chat_path, _chat(model, stream="maybe")), 400),
         Hostile("top_logprobs absurd", _post(chat_path, _chat(model, logprobs=True, top_logprobs=10**6)), 400),
         Hostile("an invalid JSON schema", _post(chat_path, _chat(model, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}})), 400),
         Hostile("tools not a list", _post(chat_path, _chat(model, tools="get_weather")), 400),
