@@ -260,7 +260,7 @@ class _ClientConnection(asyncio.Protocol):
         request, self._reading = self._reading, None
         request.body = b"".join(self._body)
         self._pending.append(request)
-        if self._worker is None or self._worker.done():
+        if not self._answering():
             self._worker = asyncio.get_running_loop().create_task(self._serve_pending())
 
     async def _serve_pending(self) -> None:
@@ -278,6 +278,10 @@ class _ClientConnection(asyncio.Protocol):
     def _stopped(self) -> bool:
         return self._closed or self._refusal is not None
 
+    def _answering(self) -> bool:
+        """Whether a request of this connection is being answered (perhaps by a replica, on its socket)."""
+        return self._worker is not None and not self._worker.done()
+
     def _refuse(self, error: LLMServeError) -> None:
         """End the connection with ``error`` after the answers to the requests before it:
         a replica may be writing to this socket right now, and two writers would
@@ -285,7 +289,7 @@ class _ClientConnection(asyncio.Protocol):
         self._refusal = error
         self._wait(None)
         self._transport.pause_reading()
-        if self._worker is None or self._worker.done():
+        if not self._answering():
             self._answer_and_close(error)
 
     # Timeouts: one timer per connection, for what the client must do next.
@@ -303,7 +307,7 @@ class _ClientConnection(asyncio.Protocol):
 
     def _close_idle(self) -> None:
         self._timer = None
-        if not self._closed and self._reading is None and not self._pending and (self._worker is None or self._worker.done()):
+        if not self._closed and self._reading is None and not self._pending and not self._answering():
             self._closed = True
             self._transport.close()
 

@@ -276,7 +276,7 @@ class VLLMEngine:
         paths = [path for path, endpoint in API_PATHS.items() if endpoint in self._handlers]
         schema = model_operations(app.openapi(), paths)
         for path, operations in schema["paths"].items():
-            if self._handlers[API_PATHS[path]][2].uploads_audio:
+            if VLLM_ROUTES[API_PATHS[path]].uploads_audio:
                 # FastAPI calls a Form() model urlencoded; the file makes it multipart, as clients send it.
                 content = operations["post"]["requestBody"]["content"]
                 content[MULTIPART] = content.pop("application/x-www-form-urlencoded")
