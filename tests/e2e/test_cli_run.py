@@ -68,3 +68,35 @@ def test_llmserve_run_on_a_taken_port_fails_before_loading_anything(tmp_path):
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "deploying" not in result.stdout
+
+
+def test_llmserve_run_requires_its_api_keys(tiny_model_paths, tmp_path, monkeypatch):
+    """`--api-key` and LLMSERVE_API_KEY, through the front door to the real engine (openai client)."""
+    import openai
+    import requests
+
+    monkeypatch.setenv("LLMSERVE_API_KEY", "sk-from-env")  # inherited by the command, as a user's shell passes it
+    port = free_port()
+    log_path = tmp_path / "keys.log"
+    command = [str(BIN / "llmserve"), "run", "--model", tiny_model_paths["tiny-b"], "--model-id", "solo", "--port", str(port), "--api-key", "sk-cli"]
+    process, log = start(command, tmp_path, log_path)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_line(log_path, "ready in", process)
+
+        def chat(key, **extra):
+            client = openai.OpenAI(base_url=base_url + "/v1", api_key=key, max_retries=0, timeout=120)
+            return client.chat.completions.create(model="solo", messages=[{"role": "user", "content": "Hello!"}], max_tokens=4, temperature=0, **extra)
+
+        with pytest.raises(openai.AuthenticationError) as refused:
+            chat("sk-wrong")
+        assert refused.value.status_code == 401 and refused.value.code == "invalid_api_key"
+        assert chat("sk-cli").model == "solo" and chat("sk-from-env").model == "solo"
+        assert len(list(chat("sk-cli", stream=True))) > 1
+        assert requests.post(base_url + "/tokenize", json={"model": "solo", "prompt": "hi"}, timeout=60).status_code == 401
+        assert requests.get(base_url + "/v1/models", timeout=60).status_code == 401
+        assert requests.get(base_url + "/health", timeout=60).status_code == 200
+        assert "sk-cli" not in log_path.read_text() and "sk-from-env" not in log_path.read_text()
+    finally:
+        stop(process)
+        log.close()
