@@ -135,6 +135,13 @@ class LoraConfig(_Strict):
         return value.rstrip("/") if value else value
 
 
+class BackpressureConfig(_Strict):
+    """What a request hears when the model's line is full (``max_queued_requests``)."""
+
+    status_code: Literal[429, 503] = Field(default=429, description="429 (as OpenAI rate-limits) or 503.")
+    retry_after_s: Optional[float] = Field(default=1.0, ge=0, description="Retry-After seconds; null for no header.")
+
+
 class DeploymentConfig(_Strict):
     """Options handed to Ray Serve for the model's deployment (see Ray Serve's docs)."""
 
@@ -151,7 +158,12 @@ class DeploymentConfig(_Strict):
     max_ongoing_requests: Optional[PositiveInt] = Field(
         default=None, description="Requests one replica takes at once before Serve queues (default 256)."
     )
-    max_queued_requests: Optional[int] = Field(default=None, description="Queue bound per caller; -1 is unbounded.")
+    max_queued_requests: Optional[int] = Field(
+        default=None, description="Requests that may wait for a replica, per ingress replica; -1 (default) is unbounded."
+    )
+    backpressure_config: Optional[BackpressureConfig] = Field(
+        default=None, description="The answer past max_queued_requests: a 429 with Retry-After: 1 unless set."
+    )
     user_config: Optional[Any] = Field(default=None, description="Passed to Serve unchanged.")
     health_check_period_s: Optional[float] = Field(default=None, description="Seconds between health checks.")
     health_check_timeout_s: Optional[float] = Field(default=None, description="Seconds a health check may take.")

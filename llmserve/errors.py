@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 
@@ -24,16 +25,25 @@ class LLMServeError(Exception):
     error_type = "internal_server_error"
     default_code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after_s: float | None = None
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code or self.default_code
+        self.retry_after_s = retry_after_s  # when the client may try again (429, 503), if we know
 
     def __reduce__(self):
         # Keyword-only arguments do not survive Exception's default pickling,
         # and these errors travel between Ray replicas.
-        return (_rebuild, (type(self), self.message, self.param, self.code))
+        return (_rebuild, (type(self), self.message, self.param, self.code, self.retry_after_s))
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries besides the envelope: ``Retry-After`` in whole seconds."""
+        if self.retry_after_s is None:
+            return {}
+        return {"retry-after": str(max(0, math.ceil(self.retry_after_s)))}
 
     def to_envelope(self) -> dict[str, Any]:
         return {
@@ -53,8 +63,8 @@ class LLMServeError(Exception):
         return f"data: {json.dumps(self.to_envelope())}\n\n"
 
 
-def _rebuild(cls, message, param, code):
-    return cls(message, param=param, code=code)
+def _rebuild(cls, message, param, code, retry_after_s=None):
+    return cls(message, param=param, code=code, retry_after_s=retry_after_s)
 
 
 class ConfigError(LLMServeError, ValueError):
@@ -116,6 +126,15 @@ class HeaderFieldsTooLargeError(LLMServeError):
     status_code = 431
     error_type = "invalid_request_error"
     default_code = "request_header_fields_too_large"
+
+
+class TooManyRequestsError(LLMServeError):
+    """The model's queue is full (``max_queued_requests``); as OpenAI answers a rate limit,
+    so clients that back off on 429 (the openai SDK does) wait ``Retry-After``."""
+
+    status_code = 429
+    error_type = "requests"
+    default_code = "rate_limit_exceeded"
 
 
 class EngineError(LLMServeError):

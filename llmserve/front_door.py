@@ -68,6 +68,7 @@ _REASONS = {
     400: b"Bad Request",
     408: b"Request Timeout",
     413: b"Payload Too Large",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     503: b"Service Unavailable",
 }
@@ -384,8 +385,9 @@ class _ClientConnection(asyncio.Protocol):
 
     def _answer_and_close(self, error: LLMServeError) -> None:
         body = error.to_json_bytes()
-        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-        self._transport.write(head % (error.status_code, _REASONS.get(error.status_code, b"Error"), len(body)) + body)
+        extra = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in error.headers().items())
+        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n"
+        self._transport.write(head % (error.status_code, _REASONS.get(error.status_code, b"Error"), len(body), extra) + body)
         self._transport.close()
         self._closed = True
 

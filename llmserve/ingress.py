@@ -42,6 +42,7 @@ from llmserve.errors import (
 from llmserve.front_door import FrontDoor, HttpRequest, Upstream
 from llmserve.logs import log_into_serve_replica_log
 from llmserve.openapi import merged_document
+from llmserve.placement import Admission
 from llmserve.relay import ReplicaRelay, adapter_of, start_http_server
 from llmserve.responses import REQUEST_ID_HEADER, SSE_DONE, ApiRequest, backend_failure, error_response
 from llmserve.routing import ModelRouter
@@ -245,7 +246,7 @@ class OpenAiIngress:
         self._keys = ApiKeys.configured(api_keys or ())
         configs = await asyncio.gather(*(handle.llm_config.remote() for handle in llm_deployments))
         self._router = ModelRouter(
-            {config.model_id: ReplicaRelay(handle) for config, handle in zip(configs, llm_deployments)}
+            {config.model_id: ReplicaRelay(handle, Admission.of(config)) for config, handle in zip(configs, llm_deployments)}
         )
         self._door: Optional[FrontDoor] = None
         if front_door:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+from llmserve.config import BackpressureConfig
 
 if TYPE_CHECKING:
     from llmserve.config import LLMConfig
@@ -42,11 +45,42 @@ def serve_options(config: "LLMConfig", *, name_prefix: str) -> dict[str, Any]:
     options = config.deployment_config.as_serve_options()
     options.setdefault("name", deployment_name(config.model_id, name_prefix))
     options.setdefault("max_ongoing_requests", DEFAULT_MAX_ONGOING_REQUESTS)
+    # A full line answers as OpenAI answers a rate limit, so clients back off and
+    # retry (Serve's default is a 503 without Retry-After).
+    options["backpressure_config"] = (config.deployment_config.backpressure_config or BackpressureConfig()).model_dump()
+    # The ingress bounds the line itself, exactly (``Admission``): Serve's count leaves
+    # out requests it is offering to a replica, so in a burst it admits more or
+    # fewer than the bound. Serve's own queue stays unbounded behind it.
+    options.pop("max_queued_requests", None)
     actor_options = dict(options.get("ray_actor_options") or {})
     if config.runtime_env:
         actor_options["runtime_env"] = {**config.runtime_env, **actor_options.get("runtime_env", {})}
     options.update(_resources(config, actor_options))
     return options
+
+
+@dataclass(frozen=True)
+class Admission:
+    """How many requests one replica takes at once, how many may wait in line at each
+    ingress replica (-1: no bound), and what a request past the line hears."""
+
+    max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS
+    max_queued_requests: int = -1
+    refusal_status: int = BackpressureConfig().status_code
+    retry_after_s: Optional[float] = BackpressureConfig().retry_after_s
+
+    @classmethod
+    def of(cls, config: "LLMConfig", max_ongoing_requests: Optional[int] = None) -> "Admission":
+        """The config's limits; ``max_ongoing_requests`` is Serve's, where a replica knows it."""
+        deployment = config.deployment_config
+        backpressure = deployment.backpressure_config or BackpressureConfig()
+        queued = deployment.max_queued_requests
+        return cls(
+            max_ongoing_requests=max_ongoing_requests or deployment.max_ongoing_requests or DEFAULT_MAX_ONGOING_REQUESTS,
+            max_queued_requests=-1 if queued is None else queued,
+            refusal_status=backpressure.status_code,
+            retry_after_s=backpressure.retry_after_s,
+        )
 
 
 def _resources(config: "LLMConfig", actor_options: dict[str, Any]) -> dict[str, Any]:

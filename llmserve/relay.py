@@ -7,20 +7,20 @@ per token that is a socket write in the replica and a read and a write in the
 ingress, where a Ray object per chunk cost the engine a large share of a
 small machine's CPU (see docs/data-path.md).
 
-Serve stays the control plane. Every request holds a *lease* while it runs: a
-streaming Serve call (``LLMServer.reserve``) that Serve counts against
-``max_ongoing_requests`` and reports to the autoscaler like any other call,
-and whose one item names the replica it landed on, which is how the ingress
-learns the replicas Serve starts. The lease is opened alongside the request,
-not before it: under load a Ray call takes tens of milliseconds, and waiting
-for it would add them to every time to first token. The ingress places the
-request itself, on the replica it has the fewest requests in flight on. A
-finished request's lease stays open for a second for the next request on its
-replica to take over, so steady traffic holds as many leases as it has
-requests in flight without a Ray call per request.
+Serve stays the control plane, and its admission rules hold. Every request
+runs under a *lease*: a streaming Serve call (``LLMServer.reserve``) whose one
+item names the replica it landed on, and the request goes to that replica.
+Serve counts the lease against ``max_ongoing_requests``, queues it at this
+caller when every replica is full (FIFO, up to ``max_queued_requests``, then
+a 429 with ``Retry-After``) and reports running and queued ones to the
+autoscaler. A finished request's lease goes to the oldest request waiting for
+one, or stays open for a second for the next request to take over, so steady
+traffic holds as many leases as it has requests in flight without a Ray call
+per request.
 
-Requests for a LoRA adapter (``base:adapter``) prefer a replica the ingress
-already sent that adapter to, unless it is much busier than the others; each
+Requests for a LoRA adapter (``base:adapter``) prefer an open lease on a
+replica the ingress already sent that adapter to, unless it is much busier
+than the others; each
 response names its replica (Serve's name for it, not its address) in the
 ``x-llmserve-replica`` header.
 
@@ -39,12 +39,15 @@ import random
 import socket
 import time
 import weakref
+from collections import deque
 from typing import Any, AsyncIterator, Callable, Optional
 
 from starlette.responses import Response, StreamingResponse
 
 from llmserve.engine import ENDPOINT_PATHS
+from llmserve.errors import ServiceUnavailableError, TooManyRequestsError
 from llmserve.handoff import HandoffListener, address_for
+from llmserve.placement import Admission
 from llmserve.responses import REQUEST_ID_HEADER, SSE_DONE, ApiRequest, backend_failure, error_response
 
 logger = logging.getLogger(__name__)
@@ -65,45 +68,45 @@ ADAPTER_AFFINITY_SLACK = 8
 # A finished request's lease stays open this long for the next request on
 # its replica to take over: leases follow the load without a Ray call per request.
 LEASE_LINGER_S = 1.0
+# A request waits at most this long in line for a replica (503 then); a client that
+# leaves sooner leaves the line at once.
+MAX_QUEUE_WAIT_S = 600.0
 # Headers of a replica's answer that describe its body (vLLM's binary embeddings carry `metadata`).
 _ANSWER_HEADERS = {"metadata"}
 
 
 class ReplicaRelay:
-    """The ingress's backend for one model: place a request on a replica, relay its bytes."""
+    """The ingress's backend for one model: hold a lease on a replica, relay its bytes there."""
 
-    def __init__(self, handle: Any):
+    def __init__(self, handle: Any, admission: Admission = Admission()):
         self._handle = handle
         self._lease_handle = handle.options(stream=True)
+        self._admission = admission  # as the config says; each replica's lease then says it too
         self._session: Any = None  # made on first use, inside the serving event loop
         self._in_flight: dict[str, int] = {}  # replica URL -> this ingress's requests on it
         self._holders: dict[str, dict[str, None]] = {}  # adapter -> replicas it was sent to
         self._idle_leases: dict[str, list[_Lease]] = {}  # replica URL -> leases no request holds
+        self._waiting: deque[asyncio.Future] = deque()  # requests without a lease yet, oldest first
 
     async def place(self, adapter: Optional[str]) -> tuple[str, Callable[[], None]]:
         """A replica URL for one request and the callable that ends its lease (call it once done).
 
-        The request is placed at once when this ingress knows a replica;
-        only the first request waits for Serve to name one. Its lease is one
-        a finished request left open on that replica, if any, else a new one.
+        The request runs on the replica its lease is on. It takes a lease a
+        finished request left open, if any (no Ray call); else it asks Serve
+        for one and waits in line: Serve gives each replica at most
+        ``max_ongoing_requests`` leases and refuses past ``max_queued_requests``
+        waiting ones (429, ``TooManyRequestsError``). A lease that a request
+        ends goes to the oldest waiting request first.
         """
-        known = self._place(adapter)
-        lease = self._take_idle_lease(known) if known else None
+        lease = self._take_idle_lease(adapter)
         if lease is None:
-            lease = _Lease(self._lease_handle.reserve.remote())
-            if known:
-                _in_background(self._learn_replica(lease))  # it may name a replica we do not know yet
-        replica_url = known
-        if replica_url is None:
-            try:
-                replica_url = await self._learn_replica(lease)
-            except BaseException:
-                lease.cancel()
-                raise
+            self._refuse_past_the_line()
+            lease = await self._wait_for_lease()
+        replica_url = lease.replica_url
         self._in_flight[replica_url] = self._in_flight.get(replica_url, 0) + 1
         if adapter is not None:
             self._holders.setdefault(adapter, {})[replica_url] = None
-        return replica_url, _once(lambda: self._release(replica_url, lease))
+        return replica_url, _once(lambda: self._release(lease))
 
     def forget(self, replica_url: str) -> None:
         """That replica refused a connection (scaled down, restarted): stop placing requests on it."""
@@ -111,9 +114,65 @@ class ReplicaRelay:
         for lease in self._idle_leases.pop(replica_url, []):
             lease.cancel()
 
-    def _release(self, replica_url: str, lease: "_Lease") -> None:
-        if replica_url in self._in_flight:
-            self._in_flight[replica_url] -= 1
+    def _refuse_past_the_line(self) -> None:
+        """Refuse a request that would wait behind ``max_queued_requests`` others.
+
+        Those waiting are in line only past the free places of the replicas
+        this ingress knows: at once, each replica takes ``max_ongoing_requests``
+        leases, counting those this ingress holds or keeps idle there.
+        """
+        admission = self._admission
+        if admission.max_queued_requests < 0:
+            return
+        free = sum(
+            max(0, admission.max_ongoing_requests - in_flight - len(self._idle_leases.get(url, ())))
+            for url, in_flight in self._in_flight.items()
+        )
+        if len(self._waiting) - free >= admission.max_queued_requests:
+            raise _line_full(admission.refusal_status, admission.retry_after_s)
+
+    async def _wait_for_lease(self) -> "_Lease":
+        """A new lease from Serve, or one a finished request hands over first, whichever comes sooner."""
+        handed_over = asyncio.get_running_loop().create_future()
+        self._waiting.append(handed_over)
+        own = _Lease(self._lease_handle.reserve.remote())
+        learning = asyncio.ensure_future(self._learn_replica(own))
+        waited = False
+        try:
+            await asyncio.wait([handed_over, learning], timeout=MAX_QUEUE_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+            waited = True
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(handed_over)
+            handed = handed_over.result() if handed_over.done() and not handed_over.cancelled() else None
+            handed_over.cancel()
+            learned = learning.done() and not learning.cancelled() and learning.exception() is None
+            if not learned:
+                learning.cancel()
+                own.cancel()
+            # What came and is not used (both came, or the client left) goes to the next in line.
+            kept = (handed or (own if learned else None)) if waited else None
+            if handed is not None and handed is not kept:
+                self._recycle(handed)
+            if learned and own is not kept:
+                self._recycle(own)
+        if handed is not None:
+            return handed
+        if learned:
+            return own
+        if learning.done():
+            raise _refusal(learning.exception())
+        raise ServiceUnavailableError(
+            f"No replica of the model was free within {MAX_QUEUE_WAIT_S:.0f} s; retry later.", retry_after_s=1
+        )
+
+    def _release(self, lease: "_Lease") -> None:
+        if lease.replica_url in self._in_flight:
+            self._in_flight[lease.replica_url] -= 1
+        self._recycle(lease)
+
+    def _recycle(self, lease: "_Lease") -> None:
+        """A lease no request holds: to the oldest waiting request, else idle for a while."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # collected outside the serving loop: nothing to hand it to
@@ -121,14 +180,34 @@ class ReplicaRelay:
         if loop is None or lease.replica_url not in self._in_flight or lease.age() > MAX_LEASE_S / 2:
             lease.cancel()  # an old one would end under a request that still runs
             return
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(lease)
+                return
         # Under steady traffic the next request takes this lease over, so a
         # request costs no Ray call; one nobody takes ends after LEASE_LINGER_S.
         self._idle_leases.setdefault(lease.replica_url, []).append(lease)
         loop.call_later(LEASE_LINGER_S, self._expire, lease)
 
-    def _take_idle_lease(self, replica_url: str) -> Optional["_Lease"]:
-        idle = self._idle_leases.get(replica_url)
-        return idle.pop() if idle else None
+    def _take_idle_lease(self, adapter: Optional[str]) -> Optional["_Lease"]:
+        """An idle lease on the replica for a new request: one holding its adapter unless that
+        one is much busier than the rest, else the one with the fewest requests in flight."""
+        if self._waiting:  # first come, first served: idle leases go to those already waiting
+            return None
+        idle = [url for url, leases in self._idle_leases.items() if leases and url in self._in_flight]
+        if not idle:
+            return None
+        fewest = min(self._in_flight[url] for url in idle)
+        holders = [url for url in self._holders.get(adapter, ()) if url in idle] if adapter else []
+        chosen = None
+        if holders:
+            least_busy_holder = min(holders, key=self._in_flight.__getitem__)
+            if self._in_flight[least_busy_holder] <= fewest + ADAPTER_AFFINITY_SLACK:
+                chosen = least_busy_holder
+        if chosen is None:
+            chosen = random.choice([url for url in idle if self._in_flight[url] == fewest])
+        return self._idle_leases[chosen].pop()
 
     def _expire(self, lease: "_Lease") -> None:
         idle = self._idle_leases.get(lease.replica_url or "", [])
@@ -175,22 +254,9 @@ class ReplicaRelay:
                     raise
         raise AssertionError("unreachable")
 
-    def _place(self, adapter: Optional[str]) -> Optional[str]:
-        """The replica for a new request: one holding its adapter unless that one is much
-        busier than the rest, else the one with the fewest requests in flight."""
-        if not self._in_flight:
-            return None
-        fewest = min(self._in_flight.values())
-        holders = [url for url in self._holders.get(adapter, ()) if url in self._in_flight] if adapter else []
-        if holders:
-            least_busy_holder = min(holders, key=self._in_flight.__getitem__)
-            if self._in_flight[least_busy_holder] <= fewest + ADAPTER_AFFINITY_SLACK:
-                return least_busy_holder
-        return random.choice([url for url, count in self._in_flight.items() if count == fewest])
-
     async def _learn_replica(self, lease: "_Lease") -> str:
         """The replica a lease landed on, remembered for placing later requests."""
-        replica_url = await anext(lease.call)
+        replica_url, self._admission = await anext(lease.call)
         lease.replica_url = replica_url
         self._in_flight.setdefault(replica_url, 0)
         return replica_url
@@ -255,6 +321,19 @@ class _Lease:
         self.call.cancel()
 
 
+def _refusal(exc: BaseException) -> BaseException:
+    """Serve's own full queue (``max_queued_requests`` set in ``.options()``) as the client
+    hears it, with the deployment's ``backpressure_config``; other failures unchanged."""
+    if type(exc).__name__ != "BackPressureError":
+        return exc
+    return _line_full(getattr(exc, "status_code", 503), getattr(exc, "retry_after_s", None))
+
+
+def _line_full(status_code: int, retry_after_s: Optional[float]) -> Exception:
+    error_class = TooManyRequestsError if status_code == 429 else ServiceUnavailableError
+    return error_class("The model's line of waiting requests is full (max_queued_requests); retry later.", retry_after_s=retry_after_s)
+
+
 def adapter_of(body: dict[str, Any]) -> Optional[str]:
     """The adapter a request body names (`base:adapter`), if any."""
     model = body.get("model")
@@ -271,19 +350,6 @@ def _once(action: Any) -> Any:
             action()
 
     return run
-
-
-_background: set[asyncio.Task] = set()
-
-
-def _in_background(work: Any) -> None:
-    async def quietly() -> None:
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await work
-
-    task = asyncio.ensure_future(quietly())
-    _background.add(task)  # asyncio keeps only weak references to tasks
-    task.add_done_callback(_background.discard)
 
 
 class ReplicaDataPlane:

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Optional
 from starlette.responses import Response, StreamingResponse
 
 from llmserve.engine import Endpoint
-from llmserve.errors import EngineError, LLMServeError, ServiceUnavailableError
+from llmserve.errors import EngineError, LLMServeError
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +41,16 @@ class ApiRequest:
 
 
 def error_response(error: LLMServeError, request_id: Optional[str] = None) -> Response:
-    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+    headers = error.headers()
+    if request_id:
+        headers[REQUEST_ID_HEADER] = request_id
     return Response(error.to_json_bytes(), status_code=error.status_code, media_type="application/json", headers=headers)
 
 
 def backend_failure(exc: Exception, request_id: str) -> LLMServeError:
     """What the client hears when the replica or the transport to it failed (not the engine)."""
-    if type(exc).__name__ == "BackPressureError":  # Serve's queue for the model is full
-        return ServiceUnavailableError(f"The model is overloaded; retry request {request_id} later.")
+    if isinstance(exc, LLMServeError):  # already what the client hears (a full queue, say)
+        return exc
     logger.error("request %s failed between the ingress and the model replica: %r", request_id, exc)
     return EngineError(f"The server failed to serve request {request_id}; see the server log for details.")
 

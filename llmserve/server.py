@@ -26,6 +26,7 @@ from llmserve.engine import BinaryOutput, Endpoint, Engine
 from llmserve.errors import BadRequestError, EngineError, LLMServeError, ModelNotFoundError
 from llmserve.adapters import AdapterStore, LoadedAdapters
 from llmserve.logs import log_into_serve_replica_log, reopen_serve_replica_log
+from llmserve.placement import Admission
 from llmserve.relay import ReplicaDataPlane
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,17 @@ def _default_engine_cls() -> type[Engine]:
     from llmserve.vllm_engine import VLLMEngine
 
     return VLLMEngine
+
+
+def _admission(config: LLMConfig) -> Admission:
+    """This replica's admission limits: Serve's max_ongoing_requests (the bind pattern may
+    have set it in `.options()`), and the line the config asks the ingress to keep."""
+    try:
+        from ray import serve
+
+        return Admission.of(config, serve.get_replica_context()._deployment_config.max_ongoing_requests)
+    except Exception:  # not in a Serve replica (tests, notebooks)
+        return Admission.of(config)
 
 
 def _replica_name(model_id: str) -> str:
@@ -67,6 +79,7 @@ class LLMServer:
             reopen_serve_replica_log()  # vLLM's logging set-up closed it (logs.py)
         self._adapters = self._adapter_set()
         self._data_plane = ReplicaDataPlane(self._own_http_app(), _replica_name(self._config.model_id))
+        self._admission = _admission(self._config)
 
     def _adapter_set(self) -> Optional[LoadedAdapters]:
         lora = self._config.lora_config
@@ -118,10 +131,11 @@ class LLMServer:
         """The OpenAPI operations of this model's endpoints (openapi.py)."""
         return await self._engine.api_schema()
 
-    async def reserve(self) -> AsyncIterator[str]:
-        """A lease: this replica's HTTP URL, then open (one ongoing request to Serve) until cancelled."""
+    async def reserve(self) -> AsyncIterator[tuple[str, Admission]]:
+        """A lease: this replica's HTTP URL and admission limits, then open (one ongoing
+        request to Serve) until cancelled."""
         async for url in self._data_plane.hold():
-            yield url
+            yield url, self._admission
 
     async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> Union[bytes, BinaryOutput, LLMServeError]:
         """A whole (non-streaming) response body, or the error to send instead."""

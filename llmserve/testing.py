@@ -123,21 +123,45 @@ class InProcessHandle:
     """A stand-in for an ``LLMServer`` deployment handle: the calls the ingress makes
     (leases, model cards), answered by a server object in this process.
 
+    With ``max_ongoing_requests`` it admits as Serve does: at most that many
+    leases open at once, the rest wait in order (the ingress bounds that line).
+
     Example::
 
         relay = ReplicaRelay(InProcessHandle(await LLMServer.create(config, engine_cls=FakeEngine)))
     """
 
-    def __init__(self, server):
+    def __init__(self, server, max_ongoing_requests: int = 0):
         self._server = server
         self.leases = []
+        self._slots = asyncio.Semaphore(max_ongoing_requests) if max_ongoing_requests else None
+        self.queued = 0  # leases waiting for a slot
+        self.open = 0  # leases holding one
 
     def options(self, **_):
         return self
 
     def _reserve(self):
-        self.leases.append(LeaseCall(self._server.reserve()))
+        self.leases.append(LeaseCall(self._admitted()))
         return self.leases[-1]
+
+    async def _admitted(self):
+        if self._slots is None:
+            async for url in self._server.reserve():
+                yield url
+            return
+        self.queued += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.queued -= 1
+        self.open += 1
+        try:
+            async for url in self._server.reserve():
+                yield url
+        finally:
+            self.open -= 1
+            self._slots.release()
 
     @property
     def reserve(self):
@@ -166,3 +190,14 @@ def _choice(endpoint: Endpoint, text: str, *, delta: bool) -> dict[str, Any]:
         key = "delta" if delta else "message"
         return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": None if delta else "stop"}
     return {"index": 0, "text": text, "finish_reason": None if delta else "stop"}
+
+
+def strand_on(relay: Any, replica_url: str) -> None:
+    """Make ``relay`` hold an open lease on ``replica_url`` only, as if that replica had
+    served its last request and then went away (scaled down, restarted)."""
+    from llmserve.relay import _Lease
+
+    lease = _Lease(SimpleNamespace(cancel=lambda: None))
+    lease.replica_url = replica_url
+    relay._in_flight = {replica_url: 0}
+    relay._idle_leases = {replica_url: [lease]}

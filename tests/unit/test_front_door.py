@@ -12,19 +12,24 @@ from llmserve import front_door as front_door_module
 from llmserve.front_door import FrontDoor, Upstream
 from llmserve.handoff import HandoffListener, address_for
 from llmserve.ingress import open_front_door
+from llmserve.placement import Admission
 from llmserve.relay import ReplicaRelay
 from llmserve.routing import ModelRouter
-from llmserve.testing import FakeEngine, InProcessHandle
+from llmserve.testing import FakeEngine, InProcessHandle, strand_on
 
 
 class Door:
     """A front door on a free port over one fake-engine replica, as an ingress replica runs it."""
 
+    def __init__(self, **admission):
+        self._admission = admission  # the deployment's max_ongoing_requests, max_queued_requests
+
     async def __aenter__(self):
-        config = LLMConfig(model_loading_config={"model_id": "alpha"})
+        config = LLMConfig(model_loading_config={"model_id": "alpha"}, deployment_config=self._admission)
         self.server = await LLMServer.create(config, engine_cls=FakeEngine)
-        self.handle = InProcessHandle(self.server)
-        self.relay = ReplicaRelay(self.handle)
+        # The handle admits as Serve would; the relay keeps the line, as in the ingress.
+        self.handle = InProcessHandle(self.server, self._admission.get("max_ongoing_requests", 0))
+        self.relay = ReplicaRelay(self.handle, Admission.of(config))
         self.door = await open_front_door(ModelRouter({"alpha": self.relay}), "127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.door.port}"
         return self
@@ -115,12 +120,83 @@ def test_client_leaving_mid_stream_stops_the_replica_stream():
     asyncio.run(go())
 
 
+def slow_stream(words):
+    return {"model": "alpha", "prompt": "slow " + " ".join(f"w{i}" for i in range(words)), "stream": True, "max_tokens": 64}
+
+
+def test_at_most_max_ongoing_requests_run_and_the_rest_wait_their_turn_in_order():
+    async def go():
+        async with Door(max_ongoing_requests=2) as door, httpx.AsyncClient(base_url=door.url) as http:
+            peak, started = 0, []
+
+            async def watch():
+                nonlocal peak
+                while True:
+                    peak = max(peak, door.server.engine.open_streams)
+                    await asyncio.sleep(0.002)
+
+            async def one(index):
+                await asyncio.sleep(0.03 * index)  # the order they are sent in
+                async with http.stream("POST", "/v1/completions", json=slow_stream(5)) as response:
+                    events = 0
+                    async for chunk in response.aiter_bytes():
+                        if not events:
+                            started.append(index)
+                        events += chunk.count(b"data: ")
+                    return response.status_code, events
+
+            watcher = asyncio.ensure_future(watch())
+            answers = await asyncio.gather(*(one(i) for i in range(6)))
+            watcher.cancel()
+            assert answers == [(200, 7)] * 6  # 6 words and [DONE] each
+            assert peak == 2, f"{peak} streams ran at once; max_ongoing_requests is 2"
+            assert started == list(range(6)), f"served out of order: {started}"
+            assert await settle(lambda: door.handle.open == 0 and door.handle.queued == 0 and not door.relay._waiting)
+
+    asyncio.run(go())
+
+
+def test_past_max_queued_requests_the_answer_is_429_with_retry_after_in_the_envelope():
+    async def go():
+        async with Door(max_ongoing_requests=1, max_queued_requests=2) as door, httpx.AsyncClient(base_url=door.url) as http:
+
+            async def one(index):
+                await asyncio.sleep(0.02 * index)
+                return await http.post("/v1/completions", json=slow_stream(10))
+
+            answers = await asyncio.gather(*(one(i) for i in range(6)))
+            served = [a for a in answers if a.status_code == 200]
+            refused = [a for a in answers if a.status_code == 429]
+            assert (len(served), len(refused)) == (3, 3), [a.status_code for a in answers]
+            for answer in refused:
+                assert answer.headers["retry-after"] == "1"
+                assert answer.json()["error"]["code"] == "rate_limit_exceeded"
+            assert await settle(lambda: door.handle.open == 0 and door.handle.queued == 0)
+
+    asyncio.run(go())
+
+
+def test_a_client_that_leaves_while_waiting_in_line_leaves_the_line():
+    async def go():
+        async with Door(max_ongoing_requests=1) as door, httpx.AsyncClient(base_url=door.url) as http:
+            running = asyncio.ensure_future(http.post("/v1/completions", json=slow_stream(15)))
+            assert await settle(lambda: door.handle.open == 1)
+            waiting = asyncio.ensure_future(http.post("/v1/completions", json=slow_stream(3)))
+            assert await settle(lambda: door.handle.queued == 1 and len(door.relay._waiting) == 1)
+            waiting.cancel()  # the client hangs up
+            assert await settle(lambda: door.handle.queued == 0 and not door.relay._waiting)
+            assert (await running).status_code == 200
+            assert await settle(lambda: door.handle.open == 0)
+
+    asyncio.run(go())
+
+
 def test_a_replica_that_went_away_is_forgotten_and_serve_names_another():
     async def go():
         async with Door() as door, httpx.AsyncClient(base_url=door.url) as http:
             assert (await http.post("/v1/completions", json={"prompt": "x"})).status_code == 200
             live_url = await door.server._data_plane.url()
-            door.relay._in_flight = {"http://127.0.0.1:9": 0}  # nothing listens on the discard port
+            strand_on(door.relay, "http://127.0.0.1:9")  # nothing listens on the discard port
             response = await http.post("/v1/completions", json={"prompt": "again"})
             assert response.status_code == 200 and response.json()["choices"][0]["text"] == "again"
             assert set(door.relay._in_flight) == {live_url}

@@ -7,19 +7,24 @@ import httpx
 
 from llmserve import LLMConfig, LLMServer
 from llmserve.ingress import build_http_app
+from llmserve.placement import Admission
 from llmserve.relay import ReplicaDataPlane, ReplicaRelay
 from llmserve.routing import ModelRouter
-from llmserve.testing import FakeEngine, InProcessHandle
+from llmserve.testing import FakeEngine, InProcessHandle, strand_on
 
 
 class Relayed:
     """An ingress app over one fake-engine replica, reached through the relay."""
 
+    def __init__(self, **admission):
+        self._admission = admission  # the deployment's max_ongoing_requests, max_queued_requests
+
     async def __aenter__(self):
-        config = LLMConfig(model_loading_config={"model_id": "alpha"})
+        config = LLMConfig(model_loading_config={"model_id": "alpha"}, deployment_config=self._admission)
         self.server = await LLMServer.create(config, engine_cls=FakeEngine)
-        self.handle = InProcessHandle(self.server)
-        self.relay = ReplicaRelay(self.handle)
+        # The handle admits as Serve would; the relay keeps the line, as in the ingress.
+        self.handle = InProcessHandle(self.server, self._admission.get("max_ongoing_requests", 0))
+        self.relay = ReplicaRelay(self.handle, Admission.of(config))
         self.app = build_http_app(ModelRouter({"alpha": self.relay}))
         return self
 
@@ -120,12 +125,30 @@ def test_client_leaving_mid_stream_stops_the_replica_stream():
     asyncio.run(go())
 
 
+def test_behind_serves_proxy_too_a_full_queue_is_429_and_the_rest_are_served_in_turn():
+    async def go():
+        async with Relayed(max_ongoing_requests=1, max_queued_requests=1) as relayed, client(relayed.app) as http:
+            body = {"model": "alpha", "prompt": "slow a b c d e f g h", "stream": True}
+
+            async def one(index):
+                await asyncio.sleep(0.02 * index)
+                return await http.post("/v1/completions", json=body)
+
+            answers = await asyncio.gather(*(one(i) for i in range(4)))
+            assert [answer.status_code for answer in answers] == [200, 200, 429, 429]
+            assert answers[2].headers["retry-after"] == "1" and answers[2].json()["error"]["type"] == "requests"
+            assert all(answer.text.endswith("data: [DONE]\n\n") for answer in answers[:2])
+            assert await settle(lambda: relayed.handle.open == 0 and relayed.handle.queued == 0)
+
+    asyncio.run(go())
+
+
 def test_a_replica_that_went_away_is_forgotten_and_serve_names_another():
     async def go():
         async with Relayed() as relayed, client(relayed.app) as http:
             assert (await http.post("/v1/completions", json={"prompt": "x"})).status_code == 200
             live_url = await relayed.server._data_plane.url()
-            relayed.relay._in_flight = {"http://127.0.0.1:9": 0}  # nothing listens on the discard port
+            strand_on(relayed.relay, "http://127.0.0.1:9")  # nothing listens on the discard port
             response = await http.post("/v1/completions", json={"prompt": "again"})
             assert response.status_code == 200 and response.json()["choices"][0]["text"] == "again"
             assert set(relayed.relay._in_flight) == {live_url}

@@ -1,0 +1,97 @@
+"""Serve's admission rules on the path users run (`llmserve run`: front door + handoff), real engine.
+
+One `llmserve run` serves the same tiny model twice, one replica each, both
+with `max_ongoing_requests: 4`: "lined-up" queues without bound, "bounded"
+queues at most 8 requests and refuses the rest with a 429. Plain HTTP clients.
+"""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import yaml
+
+from tests.conftest import TEST_ENGINE_KWARGS
+from tests.e2e.conftest import BIN, free_port, start, stop, wait_for_line
+
+MAX_ONGOING = 4
+MAX_QUEUED = 8
+# Equal requests: the same greedy prompt, always this many tokens.
+TOKENS = 96
+
+
+@pytest.fixture(scope="module")
+def base_url(tiny_model_paths, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("admission")
+    port = free_port()
+
+    def model(model_id, **deployment):
+        return {
+            "model_loading_config": {"model_id": model_id, "model_source": tiny_model_paths["tiny-a"]},
+            "engine_kwargs": TEST_ENGINE_KWARGS,
+            "deployment_config": {"num_replicas": 1, "max_ongoing_requests": MAX_ONGOING, **deployment},
+        }
+
+    models = [model("lined-up"), model("bounded", max_queued_requests=MAX_QUEUED)]
+    application = {"name": "llm_app", "route_prefix": "/", "import_path": "llmserve:build_openai_app", "args": {"llm_configs": models}}
+    (folder / "config.yaml").write_text(yaml.safe_dump({"http_options": {"host": "127.0.0.1", "port": port}, "applications": [application]}))
+    log_path = folder / "llmserve.log"
+    process, log = start([str(BIN / "llmserve"), "run", "config.yaml"], folder, log_path)
+    try:
+        wait_for_line(log_path, "ready in", process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(process)
+        log.close()
+
+
+def complete(base_url, model):
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": TOKENS, "min_tokens": TOKENS, "temperature": 0}
+    started = time.monotonic()
+    response = requests.post(base_url + "/v1/completions", json=body, timeout=600)
+    return response, time.monotonic() - started
+
+
+def at_once(base_url, model, count):
+    """``count`` requests released together; their answers and seconds, and the wall time."""
+    gate = threading.Barrier(count)
+
+    def one(_):
+        gate.wait()
+        return complete(base_url, model)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(count) as pool:
+        answers = list(pool.map(one, range(count)))
+    return answers, time.monotonic() - started
+
+
+def test_past_max_ongoing_requests_requests_wait_their_turn_and_all_succeed(base_url):
+    complete(base_url, "lined-up")  # warm: the first request also opens the lease
+    few, few_s = at_once(base_url, "lined-up", MAX_ONGOING)
+    many, many_s = at_once(base_url, "lined-up", 6 * MAX_ONGOING)
+    texts = {response.json()["choices"][0]["text"] for response, _ in few + many}
+    assert [response.status_code for response, _ in few + many] == [200] * 7 * MAX_ONGOING
+    assert len(texts) == 1  # greedy and equal: one answer
+    ratio = many_s / few_s
+    print(f"{MAX_ONGOING} requests: {few_s:.2f} s; {6 * MAX_ONGOING}: {many_s:.2f} s ({ratio:.1f}x)")
+    # Six turns of four: at least 5x, where admitting all at once took 1.75x.
+    assert ratio >= 5, f"{6 * MAX_ONGOING} requests took {ratio:.1f}x the time of {MAX_ONGOING}"
+
+
+def test_past_max_queued_requests_the_rest_get_429_with_retry_after_at_once(base_url):
+    complete(base_url, "bounded")
+    answers, _ = at_once(base_url, "bounded", 3 * MAX_ONGOING * 2)
+    served = [(response, seconds) for response, seconds in answers if response.status_code == 200]
+    refused = [(response, seconds) for response, seconds in answers if response.status_code == 429]
+    assert len(served) + len(refused) == len(answers), sorted(response.status_code for response, _ in answers)
+    print(f"served {len(served)}, refused {len(refused)}; slowest refusal {max(s for _, s in refused):.2f} s")
+    assert len(served) == MAX_ONGOING + MAX_QUEUED and len(refused) == len(answers) - len(served)
+    for response, seconds in refused:
+        assert seconds < 1.0
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["error"]["code"] == "rate_limit_exceeded"
+    # Once the line is gone, the model serves again.
+    assert complete(base_url, "bounded")[0].status_code == 200
