@@ -14,8 +14,12 @@ request, or the client leaving) and it alone writes between responses. For
 the one response the replica is the writer, and it reports on the Unix
 connection when the head went out (``S`` for a stream, ``H`` otherwise) and
 how it ended (``K``: complete, the connection can carry the next request;
-``C``: cut short, close it). The front door closing the Unix connection
-tells the replica the client left, which aborts the request in the engine.
+``C``: cut short, close it). The front door sends ``X`` when the client left,
+which aborts the request in the engine. A Unix connection that just closes
+means the front door itself died (its ingress replica was killed): the
+replica then finishes the answer on its own copy of the socket, watches the
+client itself, and closes the connection after it, so a stream outlives
+the ingress that routed it.
 
 Replicas listen on an abstract Unix socket named after their Ray node and HTTP
 address, so only processes of that node (in its network namespace) can reach
@@ -40,6 +44,7 @@ HEAD_SENT = b"H"
 STREAM_HEAD_SENT = b"S"
 COMPLETE = b"K"
 CUT_SHORT = b"C"
+CLIENT_LEFT = b"X"
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 413: "Payload Too Large", 500: "Internal Server Error"}
 
 
@@ -184,8 +189,10 @@ class _Answer:
         self._reported_head = False
         self._done = False
         loop = asyncio.get_running_loop()
-        # The front door sends nothing more; its hanging up means the client left.
-        self._hung_up = loop.create_task(loop.sock_recv(front_door, 1))
+        # The front door sends one byte more, CLIENT_LEFT, if the client leaves;
+        # an end without it means the front door is gone, not the client.
+        self._front_door_word = loop.create_task(loop.sock_recv(front_door, 1))
+        self.orphaned = False  # the front door died while this answer was being written
 
     def receive(self, body: bytes):
         delivered = False
@@ -195,17 +202,31 @@ class _Answer:
             if not delivered:
                 delivered = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            with contextlib.suppress(OSError):
-                await asyncio.shield(self._hung_up)
+            await self._client_gone()
             return {"type": "http.disconnect"}
 
         return receive
 
+    async def _client_gone(self) -> None:
+        """Returns when the client has left: the front door says so, or, once it died, the socket does."""
+        try:
+            word = await asyncio.shield(self._front_door_word)
+        except OSError:
+            word = b""
+        if word:
+            return
+        self.orphaned = True
+        logger.info("the front door went away mid-answer; the replica finishes it and closes the connection")
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError):
+            while await loop.sock_recv(self._client, 4096):
+                pass  # a request pipelined behind this one: nobody is left to route it
+
     async def stop_watching(self) -> None:
         # Awaited, so the socket's reader is unregistered before the socket closes.
-        self._hung_up.cancel()
+        self._front_door_word.cancel()
         with contextlib.suppress(BaseException):
-            await self._hung_up
+            await self._front_door_word
 
     async def send(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
@@ -239,12 +260,14 @@ class _Answer:
             await asyncio.get_running_loop().sock_sendall(self._client, data)
         if not self._reported_head:
             self._reported_head = True
-            self._front_door.send(STREAM_HEAD_SENT if self._streaming else HEAD_SENT)
+            with contextlib.suppress(OSError):  # a front door that died hears nothing
+                self._front_door.send(STREAM_HEAD_SENT if self._streaming else HEAD_SENT)
         if not more:
             self._done = True
 
     def finish(self) -> None:
-        self._front_door.send(COMPLETE if self._done else CUT_SHORT)
+        with contextlib.suppress(OSError):  # an orphaned answer has no one to report to
+            self._front_door.send(COMPLETE if self._done else CUT_SHORT)
 
 
 class HandoffCall:
@@ -298,6 +321,7 @@ class HandoffCall:
             loop.call_soon(self._connection.close)
 
     def abandon(self) -> None:
-        """The client left: hanging up tells the replica, which stops the request."""
+        """The client left: telling the replica stops the request."""
         with contextlib.suppress(OSError):
+            self._connection.send(CLIENT_LEFT)
             self._connection.shutdown(socket.SHUT_RDWR)

@@ -6,11 +6,12 @@ import socket
 
 import httpx
 import pytest
+from starlette.responses import StreamingResponse
 
 from llmserve import LLMConfig, LLMServer
 from llmserve import front_door as front_door_module
 from llmserve.front_door import FrontDoor, Upstream
-from llmserve.handoff import HandoffListener, address_for
+from llmserve.handoff import HandoffCall, HandoffListener, address_for
 from llmserve.ingress import open_front_door
 from llmserve.placement import Admission
 from llmserve.relay import ReplicaRelay
@@ -410,6 +411,44 @@ def test_a_handed_off_stream_cut_short_ends_with_one_error_event():
         assert response.status_code == 200
         assert response.text == (event + last).decode()
         assert ended == [1] and listener.taken == 1
+
+    asyncio.run(go())
+
+
+def test_a_handed_off_stream_outlives_its_front_door_and_then_closes_the_connection():
+    async def go():
+        events = [b"data: %d\n\n" % index for index in range(20)]
+        engine_stopped = asyncio.Event()
+
+        async def slowly():
+            for event in events:
+                yield event
+                await asyncio.sleep(0.01)
+            engine_stopped.set()
+
+        async def slow_app(scope, receive, send):
+            # Starlette's stream stops as soon as `receive` says the client left.
+            await StreamingResponse(slowly(), media_type="text/event-stream")(scope, receive, send)
+
+        listener = HandoffListener(slow_app, address_for("127.0.0.1", 9))
+        server = socket.create_server(("127.0.0.1", 0))
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.getsockname()[1])
+        accepted, _ = server.accept()
+        head = {"method": "POST", "path": "/v1/completions", "headers": [["content-length", "2"]]}
+        call = await HandoffCall.start(address_for("127.0.0.1", 9), accepted.fileno(), head, b"{}")
+        await asyncio.sleep(0.05)  # a few events in: then the front door dies (no CLIENT_LEFT)
+        accepted.close()
+        call._connection.close()
+        answer = await asyncio.wait_for(reader.read(), 5)  # read to EOF: the replica closes after
+        body, payload = answer.split(b"\r\n\r\n", 1)[1], b""
+        while body:  # chunked framing, to its last (empty) chunk
+            size, rest = body.split(b"\r\n", 1)
+            payload, body = payload + rest[: int(size, 16)], rest[int(size, 16) + 2 :]
+        assert payload == b"".join(events) and answer.endswith(b"0\r\n\r\n")
+        assert engine_stopped.is_set()
+        writer.close()
+        listener.close()
+        server.close()
 
     asyncio.run(go())
 
