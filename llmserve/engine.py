@@ -110,6 +110,9 @@ class Engine(Protocol):
     async def check_health(self) -> None:
         """Raise if the engine can no longer serve."""
 
+    def is_dead(self) -> bool:
+        """Whether the engine died (its core process exited): it will serve nothing more."""
+
     async def load_adapter(self, model_name: str, local_dir: str) -> None:
         """Make LoRA adapter ``local_dir`` answer requests for ``model_name`` (``base:adapter``)."""
 

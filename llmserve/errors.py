@@ -151,6 +151,20 @@ class ServiceUnavailableError(LLMServeError):
     default_code = "service_unavailable"
 
 
+# Marks a replica's answer that the ingress should not pass on but send elsewhere.
+RETRY_ELSEWHERE_HEADER = "x-llmserve-retry-elsewhere"
+
+
+class ReplicaUnavailableError(ServiceUnavailableError):
+    """This replica cannot serve (its engine died) but another can: every transport
+    sends a request that got this before its first byte to another replica."""
+
+    default_code = "replica_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), RETRY_ELSEWHERE_HEADER: "1"}
+
+
 class NotImplementedByModelError(LLMServeError):
     status_code = 501
     error_type = "invalid_request_error"

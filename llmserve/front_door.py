@@ -36,14 +36,16 @@ from typing import Any, Awaitable, Callable, Optional
 import httptools
 
 from llmserve.errors import (
+    RETRY_ELSEWHERE_HEADER,
     BadRequestError,
     HeaderFieldsTooLargeError,
     LLMServeError,
     PayloadTooLargeError,
     RequestTimeoutError,
+    ReplicaUnavailableError,
     ServiceUnavailableError,
 )
-from llmserve.handoff import HandoffCall, address_for
+from llmserve.handoff import COMPLETE, DECLINED, HandoffCall, address_for
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ IDLE_TIMEOUT_S = 75.0
 # Hop-by-hop headers: they describe one connection, not the request.
 _HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"expect", b"host"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_RETRY_ELSEWHERE = RETRY_ELSEWHERE_HEADER.encode()
 _REASONS = {
     400: b"Bad Request",
     408: b"Request Timeout",
@@ -105,6 +108,8 @@ class Upstream:
 
 
 Route = Callable[[HttpRequest], Awaitable[Upstream]]
+# A replica's answer to "serve this": not mine, ask the next place (nothing was written).
+_DECLINED = object()
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -313,32 +318,31 @@ class _ClientConnection(asyncio.Protocol):
             self._transport.close()
 
     async def _serve(self, request: HttpRequest) -> bool:
-        """Splice one request's answer to the client; whether the connection stays open."""
+        """One request's answer to the client; whether the connection stays open.
+
+        A replica that declines the request before writing anything (its
+        engine died) is left for the next place the route offers.
+        """
         upstream: Optional[Upstream] = None
         try:
             upstream = await self._route(request)
-            handoff = await self._hand_off(request, upstream)
-            if handoff is None:
-                upstream, connection = await self._connect(upstream)
-        except Exception as exc:
+            while True:
+                handoff = await self._hand_off(request, upstream)
+                if handoff is not None:
+                    outcome = await self._handed_off(request, upstream, handoff)
+                else:
+                    upstream, connection = await self._connect(upstream)
+                    outcome = await self._spliced(request, upstream, connection)
+                if outcome is not _DECLINED:
+                    return outcome
+                if upstream.elsewhere is None:
+                    raise ReplicaUnavailableError(f"No replica could serve request {upstream.request_id}; retry later.")
+                upstream = await upstream.elsewhere()
+        except Exception as exc:  # before anything was written to the client
             if upstream is not None:
                 upstream.done()
             self._answer_and_close(_failure(exc, upstream.request_id if upstream else None))
             return False
-        if handoff is not None:
-            return await self._handed_off(request, upstream, handoff)
-        self._upstream = connection
-        try:
-            connection.send(_upstream_request(request, upstream))
-            complete = await connection.finished
-        finally:
-            self._upstream = None
-            upstream.done()
-        if not complete and not self._closed:
-            tail = upstream.last_words() if connection.at_chunk_boundary and connection.streaming else b""
-            self._transport.write(tail)
-            return bool(tail) and request.keep_alive
-        return request.keep_alive
 
     async def _hand_off(self, request: HttpRequest, upstream: Upstream) -> Optional[HandoffCall]:
         """The request given to a replica on this node with the client's socket, or None to splice."""
@@ -353,17 +357,37 @@ class _ClientConnection(asyncio.Protocol):
         except OSError:
             return None  # on another node (or gone, which the TCP connect finds out)
 
-    async def _handed_off(self, request: HttpRequest, upstream: Upstream, handoff: HandoffCall) -> bool:
-        """Wait while the replica answers on the client's socket; whether the connection stays open."""
+    async def _handed_off(self, request: HttpRequest, upstream: Upstream, handoff: HandoffCall) -> Any:
+        """Wait while the replica answers on the client's socket: whether the connection
+        stays open, or _DECLINED."""
         self._handoff = handoff
         try:
-            complete = await handoff.finished()
+            outcome = await handoff.finished()
         finally:
             self._handoff = None
             upstream.done()
-        if not complete and not self._closed:
+        if outcome == DECLINED and not self._closed:
+            return _DECLINED
+        if outcome != COMPLETE and not self._closed:
             # The replica writes whole chunks, so a stream it left is at a chunk boundary.
             tail = upstream.last_words() if handoff.head_sent and handoff.streaming else b""
+            self._transport.write(tail)
+            return bool(tail) and request.keep_alive
+        return request.keep_alive
+
+    async def _spliced(self, request: HttpRequest, upstream: Upstream, connection: "_UpstreamConnection") -> Any:
+        """Copy the replica's answer to the client: whether the connection stays open, or _DECLINED."""
+        self._upstream = connection
+        try:
+            connection.send(_upstream_request(request, upstream))
+            complete = await connection.finished
+        finally:
+            self._upstream = None
+            upstream.done()
+        if connection.declined and not self._closed:
+            return _DECLINED
+        if not complete and not self._closed:
+            tail = upstream.last_words() if connection.at_chunk_boundary and connection.streaming else b""
             self._transport.write(tail)
             return bool(tail) and request.keep_alive
         return request.keep_alive
@@ -427,6 +451,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self.finished: asyncio.Future = loop.create_future()
         self.streaming = False
         self.at_chunk_boundary = True
+        self.declined = False  # the replica said "send it elsewhere": nothing goes to the client
         self._complete = False
 
     def connection_made(self, transport: Any) -> None:
@@ -439,6 +464,9 @@ class _UpstreamConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
+            self._transport.abort()
+            return
+        if self.declined:
             self._transport.abort()
             return
         if self._head_sent:
@@ -457,8 +485,11 @@ class _UpstreamConnection(asyncio.Protocol):
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"content-type" and value.startswith(b"text/event-stream"):
+        name = name.lower()
+        if name == b"content-type" and value.startswith(b"text/event-stream"):
             self.streaming = True
+        elif name == _RETRY_ELSEWHERE:
+            self.declined = True
 
     def on_chunk_header(self) -> None:
         self.at_chunk_boundary = False

@@ -14,7 +14,9 @@ request, or the client leaving) and it alone writes between responses. For
 the one response the replica is the writer, and it reports on the Unix
 connection when the head went out (``S`` for a stream, ``H`` otherwise) and
 how it ended (``K``: complete, the connection can carry the next request;
-``C``: cut short, close it). The front door sends ``X`` when the client left,
+``C``: cut short, close it; ``R``: declined before writing anything, as a
+replica whose engine died does, so the front door sends the request to
+another replica). The front door sends ``X`` when the client left,
 which aborts the request in the engine. A Unix connection that just closes
 means the front door itself died (its ingress replica was killed): the
 replica then finishes the answer on its own copy of the socket, watches the
@@ -37,6 +39,8 @@ import socket
 import struct
 from typing import Any, Optional
 
+from llmserve.errors import RETRY_ELSEWHERE_HEADER
+
 logger = logging.getLogger(__name__)
 
 _PREFIX = struct.Struct("!II")  # head length, body length
@@ -45,6 +49,7 @@ STREAM_HEAD_SENT = b"S"
 COMPLETE = b"K"
 CUT_SHORT = b"C"
 CLIENT_LEFT = b"X"
+DECLINED = b"R"
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 413: "Payload Too Large", 500: "Internal Server Error"}
 
 
@@ -188,6 +193,7 @@ class _Answer:
         self._streaming = False
         self._reported_head = False
         self._done = False
+        self._declined = False  # the answer is "send it elsewhere": nothing goes to the client
         loop = asyncio.get_running_loop()
         # The front door sends one byte more, CLIENT_LEFT, if the client leaves;
         # an end without it means the front door is gone, not the client.
@@ -233,6 +239,9 @@ class _Answer:
             status = message["status"]
             headers = list(message.get("headers", []))
             names = {name.lower() for name, _ in headers}
+            if RETRY_ELSEWHERE_HEADER.encode() in names and not self.orphaned:
+                self._declined = True
+                return
             self._chunked = b"content-length" not in names
             self._streaming = any(
                 name.lower() == b"content-type" and value.startswith(b"text/event-stream") for name, value in headers
@@ -243,7 +252,7 @@ class _Answer:
                 lines.append(b"transfer-encoding: chunked")
             self._head = b"\r\n".join(lines) + b"\r\n\r\n"
             return
-        if message["type"] != "http.response.body":
+        if message["type"] != "http.response.body" or self._declined:
             return
         body = message.get("body", b"")
         more = message.get("more_body", False)
@@ -267,7 +276,7 @@ class _Answer:
 
     def finish(self) -> None:
         with contextlib.suppress(OSError):  # an orphaned answer has no one to report to
-            self._front_door.send(COMPLETE if self._done else CUT_SHORT)
+            self._front_door.send(DECLINED if self._declined else COMPLETE if self._done else CUT_SHORT)
 
 
 class HandoffCall:
@@ -298,24 +307,22 @@ class HandoffCall:
             raise
         return cls(connection)
 
-    async def finished(self) -> bool:
-        """Wait for the replica's answer to end; whether it was complete."""
+    async def finished(self) -> bytes:
+        """Wait for the replica's answer to end: COMPLETE, CUT_SHORT or DECLINED (nothing written)."""
         loop = asyncio.get_running_loop()
         try:
             while True:
                 reports = await loop.sock_recv(self._connection, 16)
                 if not reports:
-                    return False  # the replica went away
+                    return CUT_SHORT  # the replica went away
                 for report in reports:
                     report = bytes([report])
                     if report in (HEAD_SENT, STREAM_HEAD_SENT):
                         self.head_sent, self.streaming = True, report == STREAM_HEAD_SENT
-                    elif report == COMPLETE:
-                        return True
-                    elif report == CUT_SHORT:
-                        return False
+                    elif report in (COMPLETE, CUT_SHORT, DECLINED):
+                        return report
         except OSError:
-            return False
+            return CUT_SHORT
         finally:
             # After the cancelled read's clean-up (which runs first): that unregisters the socket.
             loop.call_soon(self._connection.close)

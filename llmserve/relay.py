@@ -45,7 +45,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 from starlette.responses import Response, StreamingResponse
 
 from llmserve.engine import ENDPOINT_PATHS
-from llmserve.errors import ServiceUnavailableError, TooManyRequestsError
+from llmserve.errors import RETRY_ELSEWHERE_HEADER, ReplicaUnavailableError, ServiceUnavailableError, TooManyRequestsError
 from llmserve.handoff import HandoffListener, address_for
 from llmserve.placement import Admission
 from llmserve.responses import REQUEST_ID_HEADER, SSE_DONE, ApiRequest, backend_failure, error_response
@@ -68,6 +68,9 @@ ADAPTER_AFFINITY_SLACK = 8
 # A finished request's lease stays open this long for the next request on
 # its replica to take over: leases follow the load without a Ray call per request.
 LEASE_LINGER_S = 1.0
+# A lease refused by a dying replica is asked for again, up to this many times in all.
+LEASE_TRIES = 4
+LEASE_RETRY_PAUSE_S = 0.25
 # A request waits at most this long in line for a replica (503 then); a client that
 # leaves sooner leaves the line at once.
 MAX_QUEUE_WAIT_S = 600.0
@@ -101,7 +104,7 @@ class ReplicaRelay:
         lease = self._take_idle_lease(adapter)
         if lease is None:
             self._refuse_past_the_line()
-            lease = await self._wait_for_lease()
+            lease = await self._lease_on_a_live_replica()
         replica_url = lease.replica_url
         self._in_flight[replica_url] = self._in_flight.get(replica_url, 0) + 1
         if adapter is not None:
@@ -130,6 +133,18 @@ class ReplicaRelay:
         )
         if len(self._waiting) - free >= admission.max_queued_requests:
             raise _line_full(admission.refusal_status, admission.retry_after_s)
+
+    async def _lease_on_a_live_replica(self) -> "_Lease":
+        """A new lease; one that a dying replica refused is asked for again, a moment later:
+        the replica exits at once, and Serve then places leases on the others."""
+        for attempt in range(LEASE_TRIES):
+            try:
+                return await self._wait_for_lease()
+            except Exception as exc:
+                if not _replica_went_away(exc) or attempt == LEASE_TRIES - 1:
+                    raise
+                await asyncio.sleep(LEASE_RETRY_PAUSE_S * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def _wait_for_lease(self) -> "_Lease":
         """A new lease from Serve, or one a finished request hands over first, whichever comes sooner."""
@@ -245,13 +260,19 @@ class ReplicaRelay:
         for attempt in range(2):
             replica_url, finished = await self.place(adapter)
             try:
-                return await self._client().post(replica_url + path, data=request.raw_body, headers=headers), finished
+                upstream = await self._client().post(replica_url + path, data=request.raw_body, headers=headers)
             except OSError:
                 # Nothing was answered yet, so another replica can take it.
                 finished()
                 self.forget(replica_url)
                 if attempt:
                     raise
+                continue
+            if RETRY_ELSEWHERE_HEADER not in upstream.headers or attempt:
+                return upstream, finished
+            upstream.release()  # the replica declined (its engine died): the next one serves
+            finished()
+            self.forget(replica_url)
         raise AssertionError("unreachable")
 
     async def _learn_replica(self, lease: "_Lease") -> str:
@@ -327,6 +348,13 @@ def _refusal(exc: BaseException) -> BaseException:
     if type(exc).__name__ != "BackPressureError":
         return exc
     return _line_full(getattr(exc, "status_code", 503), getattr(exc, "retry_after_s", None))
+
+
+def _replica_went_away(exc: BaseException) -> bool:
+    """A lease failed because its replica is dying or dead, not because of the request."""
+    if isinstance(exc, ReplicaUnavailableError):
+        return True
+    return any(cls.__name__ in ("ActorDiedError", "ActorUnavailableError", "RayActorError") for cls in type(exc).__mro__)
 
 
 def _line_full(status_code: int, retry_after_s: Optional[float]) -> Exception:

@@ -16,14 +16,16 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
 from typing import Any, AsyncIterator, Optional, Union
 
 from llmserve.coalesce import coalesced
 from llmserve.config import LLMConfig
 from llmserve.engine import BinaryOutput, Endpoint, Engine
-from llmserve.errors import BadRequestError, EngineError, LLMServeError, ModelNotFoundError
+from llmserve.errors import BadRequestError, EngineError, LLMServeError, ModelNotFoundError, ReplicaUnavailableError
 from llmserve.adapters import AdapterStore, LoadedAdapters
 from llmserve.logs import log_into_serve_replica_log, reopen_serve_replica_log
 from llmserve.placement import Admission
@@ -33,6 +35,11 @@ logger = logging.getLogger(__name__)
 
 COALESCING_WINDOW_PER_STREAM_S = 0.00025
 MAX_COALESCING_WINDOW_S = 0.01
+# How often a replica looks at its engine; vLLM's client flags a dead engine core at once.
+ENGINE_WATCH_PERIOD_S = 0.25
+# A replica whose engine died waits this long for its streams to send their
+# error events, then exits so that Serve starts another (not at its next health check).
+DEAD_REPLICA_EXIT_DELAY_S = 0.5
 
 
 def _default_engine_cls() -> type[Engine]:
@@ -50,6 +57,16 @@ def _admission(config: LLMConfig) -> Admission:
         return Admission.of(config, serve.get_replica_context()._deployment_config.max_ongoing_requests)
     except Exception:  # not in a Serve replica (tests, notebooks)
         return Admission.of(config)
+
+
+def _in_serve_replica() -> bool:
+    try:
+        from ray import serve
+
+        serve.get_replica_context()
+        return True
+    except Exception:
+        return False
 
 
 def _replica_name(model_id: str) -> str:
@@ -80,6 +97,7 @@ class LLMServer:
         self._adapters = self._adapter_set()
         self._data_plane = ReplicaDataPlane(self._own_http_app(), _replica_name(self._config.model_id))
         self._admission = _admission(self._config)
+        self._watch = asyncio.get_running_loop().create_task(self._exit_when_the_engine_dies())
 
     def _adapter_set(self) -> Optional[LoadedAdapters]:
         lora = self._config.lora_config
@@ -134,6 +152,8 @@ class LLMServer:
     async def reserve(self) -> AsyncIterator[tuple[str, Admission]]:
         """A lease: this replica's HTTP URL and admission limits, then open (one ongoing
         request to Serve) until cancelled."""
+        if self._engine.is_dead():
+            raise self._unavailable()
         async for url in self._data_plane.hold():
             yield url, self._admission
 
@@ -162,7 +182,14 @@ class LLMServer:
                 return
             self._active_streams += 1
             try:
+                first = True
                 async for event in coalesced(output, self._coalescing_window):
+                    if first and event.startswith('data: {"error"') and self._engine.is_dead():
+                        # vLLM ends its streams with an error event when the engine dies;
+                        # before anything was sent, another replica can serve it instead.
+                        yield self._unavailable()
+                        return
+                    first = False
                     yield event
             except Exception as exc:
                 yield self._as_client_error(exc, body).to_sse_event() + "data: [DONE]\n\n"
@@ -185,6 +212,19 @@ class LLMServer:
             return 0.0
         return min(MAX_COALESCING_WINDOW_S, self._active_streams * COALESCING_WINDOW_PER_STREAM_S)
 
+    async def _exit_when_the_engine_dies(self) -> None:
+        while not self._engine.is_dead():
+            await asyncio.sleep(ENGINE_WATCH_PERIOD_S)
+        logger.error("the engine of %s died; this replica stops serving and exits", self._config.model_id)
+        if _in_serve_replica():
+            await asyncio.sleep(DEAD_REPLICA_EXIT_DELAY_S)
+            # Serve replaces a replica whose process is gone as soon as it sees it;
+            # a failing health check would take up to health_check_period_s more.
+            os._exit(1)
+
+    def _unavailable(self) -> ReplicaUnavailableError:
+        return ReplicaUnavailableError(f"The engine of this replica of {self._config.model_id} died; another replica serves.")
+
     async def engine_stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = dict(await self._engine.stats())
         stats["requests_handed_off"] = self._data_plane.handoffs_taken
@@ -196,6 +236,9 @@ class LLMServer:
         await self._engine.check_health()
 
     def __del__(self):
+        watch = getattr(self, "_watch", None)
+        if watch is not None:
+            watch.cancel()
         data_plane = getattr(self, "_data_plane", None)
         if data_plane is not None:
             data_plane.stop()
@@ -204,6 +247,8 @@ class LLMServer:
             engine.shutdown()
 
     def _as_client_error(self, exc: Exception, body: dict[str, Any]) -> LLMServeError:
+        if self._engine.is_dead():
+            return self._unavailable()  # the request is not at fault; another replica can serve it
         if isinstance(exc, LLMServeError):
             return exc
         request_id = body.get("request_id", "unknown")

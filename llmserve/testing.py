@@ -35,11 +35,14 @@ class FakeEngine:
         self.started = False
         self.open_streams = 0
         self.adapters: dict[str, str] = {}  # "base:adapter" -> its folder
+        self.dead = False  # set it to make the engine die, as a killed vLLM engine core does
 
     async def start(self) -> None:
         self.started = True
 
     async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> EngineOutput:
+        if self.dead:
+            raise RuntimeError("fake engine is dead")
         if ":" in body.get("model", "") and body["model"] not in self.adapters:
             raise ModelNotFoundError(f"The model `{body['model']}` does not exist.", param="model")
         words = _prompt_text(endpoint, body).split()[: int(body.get("max_tokens") or 16)]
@@ -56,6 +59,8 @@ class FakeEngine:
         self.open_streams += 1
         try:
             for index, word in enumerate(words):
+                if self.dead:
+                    raise RuntimeError("fake engine died mid-stream")
                 if word == "fail:stream" and index > 0:
                     raise RuntimeError("fake engine failure mid-stream")
                 chunk = {"id": body["request_id"], "model": body["model"], "choices": [_choice(endpoint, word, delta=True)]}
@@ -85,8 +90,11 @@ class FakeEngine:
         return {"paths": {"/v1/completions": {"post": post}}, "components": {"schemas": {}}}
 
     async def check_health(self) -> None:
-        if not self.started:
-            raise RuntimeError("not started")
+        if not self.started or self.dead:
+            raise RuntimeError("not started" if not self.started else "dead")
+
+    def is_dead(self) -> bool:
+        return self.dead
 
     async def load_adapter(self, model_name: str, local_dir: str) -> None:
         self.adapters[model_name] = local_dir
@@ -125,6 +133,7 @@ class InProcessHandle:
 
     With ``max_ongoing_requests`` it admits as Serve does: at most that many
     leases open at once, the rest wait in order (the ingress bounds that line).
+    Given several servers, it places leases on them in turn, as replicas.
 
     Example::
 
@@ -132,7 +141,9 @@ class InProcessHandle:
     """
 
     def __init__(self, server, max_ongoing_requests: int = 0):
-        self._server = server
+        self._servers = list(server) if isinstance(server, (list, tuple)) else [server]
+        self._server = self._servers[0]  # model cards and schemas: every replica has the same
+        self._turn = 0
         self.leases = []
         self._slots = asyncio.Semaphore(max_ongoing_requests) if max_ongoing_requests else None
         self.queued = 0  # leases waiting for a slot
@@ -146,8 +157,10 @@ class InProcessHandle:
         return self.leases[-1]
 
     async def _admitted(self):
+        server = self._servers[self._turn % len(self._servers)]
+        self._turn += 1
         if self._slots is None:
-            async for url in self._server.reserve():
+            async for url in server.reserve():
                 yield url
             return
         self.queued += 1
@@ -157,7 +170,7 @@ class InProcessHandle:
             self.queued -= 1
         self.open += 1
         try:
-            async for url in self._server.reserve():
+            async for url in server.reserve():
                 yield url
         finally:
             self.open -= 1

@@ -287,6 +287,10 @@ class VLLMEngine:
             raise EngineError("the engine has not started")
         await self._engine_client.check_health()
 
+    def is_dead(self) -> bool:
+        # vLLM's client watches its engine core process and flags its death at once.
+        return self._engine_client is not None and self._engine_client.errored
+
     def _count_aborts(self) -> None:
         # vLLM aborts a request (in its output processor and engine core) when
         # the generator serving it is closed early: a client that left. The

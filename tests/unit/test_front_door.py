@@ -20,16 +20,18 @@ from llmserve.testing import FakeEngine, InProcessHandle, strand_on
 
 
 class Door:
-    """A front door on a free port over one fake-engine replica, as an ingress replica runs it."""
+    """A front door on a free port over fake-engine replicas (one unless told), as an ingress replica runs it."""
 
-    def __init__(self, **admission):
+    def __init__(self, replicas=1, **admission):
+        self._replicas = replicas
         self._admission = admission  # the deployment's max_ongoing_requests, max_queued_requests
 
     async def __aenter__(self):
         config = LLMConfig(model_loading_config={"model_id": "alpha"}, deployment_config=self._admission)
-        self.server = await LLMServer.create(config, engine_cls=FakeEngine)
+        self.servers = [await LLMServer.create(config, engine_cls=FakeEngine) for _ in range(self._replicas)]
+        self.server = self.servers[0]
         # The handle admits as Serve would; the relay keeps the line, as in the ingress.
-        self.handle = InProcessHandle(self.server, self._admission.get("max_ongoing_requests", 0))
+        self.handle = InProcessHandle(self.servers, self._admission.get("max_ongoing_requests", 0))
         self.relay = ReplicaRelay(self.handle, Admission.of(config))
         self.door = await open_front_door(ModelRouter({"alpha": self.relay}), "127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.door.port}"
@@ -37,7 +39,8 @@ class Door:
 
     async def __aexit__(self, *_):
         self.door.close()
-        self.server.__del__()
+        for server in self.servers:
+            server.__del__()
 
     def leases_held(self):
         return self.server._data_plane.leases_held
@@ -381,6 +384,31 @@ def test_a_replica_without_handoff_still_answers_through_the_splice():
             streamed = await http.post("/v1/completions", json={"prompt": "a b", "stream": True})
             assert streamed.status_code == 200 and streamed.text.count("data: ") == 3
             assert door.handed_off() == 1
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("transport", ["handoff", "splice"])
+def test_requests_sent_to_a_replica_whose_engine_died_are_served_by_another(transport):
+    async def go():
+        async with Door(replicas=2) as door, httpx.AsyncClient(base_url=door.url) as http:
+            body = {"model": "alpha", "prompt": "slow a b c", "stream": True}
+            warm = await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(2)))
+            names = {answer.headers["x-llmserve-replica"] for answer in warm}
+            assert len(names) == 2  # both replicas served, and each left a lease open
+            if transport == "splice":  # as seen from a front door on another node
+                for server in door.servers:
+                    server._data_plane._handoff.close()
+            dead, alive = door.servers
+            dead.engine.dead = True
+            answers = []
+            for stream in (True, False, True, False):
+                answers.append(await http.post("/v1/completions", json={"model": "alpha", "prompt": "one two", "stream": stream}))
+            answers += await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(4)))
+            assert [answer.status_code for answer in answers] == [200] * 8
+            assert all(answer.headers["x-llmserve-replica"] == alive._data_plane._name for answer in answers)
+            assert answers[1].json()["choices"][0]["text"] == "one two"
+            assert answers[0].text.endswith("data: [DONE]\n\n") and "error" not in answers[0].text
 
     asyncio.run(go())
 

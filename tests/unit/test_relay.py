@@ -14,23 +14,26 @@ from llmserve.testing import FakeEngine, InProcessHandle, strand_on
 
 
 class Relayed:
-    """An ingress app over one fake-engine replica, reached through the relay."""
+    """An ingress app over fake-engine replicas (one unless told), reached through the relay."""
 
-    def __init__(self, **admission):
+    def __init__(self, replicas=1, **admission):
+        self._replicas = replicas
         self._admission = admission  # the deployment's max_ongoing_requests, max_queued_requests
 
     async def __aenter__(self):
         config = LLMConfig(model_loading_config={"model_id": "alpha"}, deployment_config=self._admission)
-        self.server = await LLMServer.create(config, engine_cls=FakeEngine)
+        self.servers = [await LLMServer.create(config, engine_cls=FakeEngine) for _ in range(self._replicas)]
+        self.server = self.servers[0]
         # The handle admits as Serve would; the relay keeps the line, as in the ingress.
-        self.handle = InProcessHandle(self.server, self._admission.get("max_ongoing_requests", 0))
+        self.handle = InProcessHandle(self.servers, self._admission.get("max_ongoing_requests", 0))
         self.relay = ReplicaRelay(self.handle, Admission.of(config))
         self.app = build_http_app(ModelRouter({"alpha": self.relay}))
         return self
 
     async def __aexit__(self, *_):
         await self.relay.aclose()
-        self.server.__del__()
+        for server in self.servers:
+            server.__del__()
 
     def leases_held(self):
         return self.server._data_plane.leases_held
@@ -139,6 +142,22 @@ def test_behind_serves_proxy_too_a_full_queue_is_429_and_the_rest_are_served_in_
             assert answers[2].headers["retry-after"] == "1" and answers[2].json()["error"]["type"] == "requests"
             assert all(answer.text.endswith("data: [DONE]\n\n") for answer in answers[:2])
             assert await settle(lambda: relayed.handle.open == 0 and relayed.handle.queued == 0)
+
+    asyncio.run(go())
+
+
+def test_behind_serves_proxy_requests_for_a_replica_whose_engine_died_are_served_by_another():
+    async def go():
+        async with Relayed(replicas=2) as relayed, client(relayed.app) as http:
+            body = {"model": "alpha", "prompt": "slow a b c", "stream": True}
+            warm = await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(2)))
+            assert len({answer.headers["x-llmserve-replica"] for answer in warm}) == 2
+            dead, alive = relayed.servers
+            dead.engine.dead = True
+            answers = [await http.post("/v1/completions", json={"model": "alpha", "prompt": "one two", "stream": stream}) for stream in (True, False, True, False)]
+            assert [answer.status_code for answer in answers] == [200] * 4
+            assert all(answer.headers["x-llmserve-replica"] == alive._data_plane._name for answer in answers)
+            assert answers[1].json()["choices"][0]["text"] == "one two" and "error" not in answers[0].text
 
     asyncio.run(go())
 
