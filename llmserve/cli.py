@@ -214,11 +214,12 @@ def run(args: argparse.Namespace) -> int:
         # twin lets us show progress meanwhile.
         serve._run(app, _blocking=False, name=name, route_prefix=application.get("route_prefix", "/"))
     try:
-        if not _wait_until_running(args.ready_timeout, started):
+        shown: dict[str, str] = {}  # each deployment's last status line
+        if not _wait_until_running(args.ready_timeout, started, shown):
             return 1
         shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         print(f"llmserve: ready in {time.monotonic() - started:.1f}s at http://{shown_host}:{port}/v1", flush=True)
-        _wait_for_interrupt()
+        _show_changes_until_interrupted(started, shown)
         return 0
     finally:
         print("llmserve: shutting down", flush=True)
@@ -244,21 +245,30 @@ def _shut_down(app_names: list[str], started_ray: bool) -> None:
         ray.shutdown()
 
 
-def _wait_until_running(timeout: float, started: float) -> bool:
+# While serving, deployment changes (a replica replaced, scaled, draining) are shown this often.
+STATUS_PERIOD_S = 2.0
+
+
+def _show_deployments(apps: dict[str, Any], last_line: dict[str, str], started: float) -> None:
+    """One line per deployment whose replicas changed since ``last_line``."""
+    for app in apps.values():
+        for name, deployment in app.deployments.items():
+            replicas = ", ".join(f"{count} {state.lower()}" for state, count in deployment.replica_states.items())
+            line = f"{deployment.status.value.lower()} ({replicas or 'no replicas yet'})"
+            if last_line.get(name) != line:
+                print(f"llmserve: [{time.monotonic() - started:6.1f}s] {name}: {line}", flush=True)
+                last_line[name] = line
+
+
+def _wait_until_running(timeout: float, started: float, last_line: dict[str, str]) -> bool:
     """Print each deployment's progress until all run; False on failure or timeout."""
     from ray import serve
 
-    last_line: dict[str, str] = {}
     while time.monotonic() - started < timeout:
         apps = serve.status().applications
         all_running = bool(apps)
+        _show_deployments(apps, last_line, started)
         for app_name, app in apps.items():
-            for name, deployment in app.deployments.items():
-                replicas = ", ".join(f"{count} {state.lower()}" for state, count in deployment.replica_states.items())
-                line = f"{deployment.status.value.lower()} ({replicas or 'no replicas yet'})"
-                if last_line.get(name) != line:
-                    print(f"llmserve: [{time.monotonic() - started:6.1f}s] {name}: {line}", flush=True)
-                    last_line[name] = line
             if app.status.value in ("DEPLOY_FAILED", "UNHEALTHY"):
                 print(f"llmserve: application {app_name!r} failed: {app.message}", file=sys.stderr, flush=True)
                 for name, deployment in app.deployments.items():
@@ -280,10 +290,18 @@ def _interrupt_on_signals() -> None:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 
 
-def _wait_for_interrupt() -> None:
+def _show_changes_until_interrupted(started: float, last_line: dict[str, str]) -> None:
+    from ray import serve
+
     try:
         while True:
-            time.sleep(3600)
+            try:
+                _show_deployments(serve.status().applications, last_line, started)
+            except KeyboardInterrupt:
+                raise
+            except Exception:  # the controller is being replaced: ask again next time
+                pass
+            time.sleep(STATUS_PERIOD_S)
     except KeyboardInterrupt:
         pass
 

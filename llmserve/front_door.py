@@ -146,12 +146,13 @@ class FrontDoor:
     def __init__(self, route: Route):
         self._route = route
         self._server: Optional[asyncio.AbstractServer] = None
+        self._connections: set[_ClientConnection] = set()
         self.port = 0
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _ClientConnection(self._route), host, port, reuse_port=True, backlog=4096
+            lambda: _ClientConnection(self._route, self._connections), host, port, reuse_port=True, backlog=4096
         )
         self.port = self._server.sockets[0].getsockname()[1]  # the one chosen, for port 0
         logger.info("front door listening on %s:%s", host, self.port)
@@ -160,12 +161,26 @@ class FrontDoor:
         if self._server is not None:
             self._server.close()
 
+    async def drain(self, timeout_s: float) -> int:
+        """Take no more connections or requests, and wait (up to ``timeout_s``) for the
+        answers being written to finish, closing each connection after its answer;
+        how many connections were still open at the deadline."""
+        self.close()
+        for connection in list(self._connections):
+            connection.drain()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        return len(self._connections)
+
 
 class _ClientConnection(asyncio.Protocol):
     """One client connection: requests in order, each spliced from its upstream."""
 
-    def __init__(self, route: Route):
+    def __init__(self, route: Route, open_connections: set["_ClientConnection"]):
         self._route = route
+        self._open_connections = open_connections  # the front door's, for its drain
+        self._draining = False
         self._transport: Any = None
         self._parser = httptools.HttpRequestParser(self)
         self._pending: deque[HttpRequest] = deque()
@@ -183,6 +198,7 @@ class _ClientConnection(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: Any) -> None:
         self._transport = transport
+        self._open_connections.add(self)
         self._wait(IDLE_TIMEOUT_S, self._close_idle)
 
     def data_received(self, data: bytes) -> None:
@@ -195,6 +211,7 @@ class _ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._closed = True
+        self._open_connections.discard(self)
         self._wait(None)
         if self._upstream is not None:
             self._upstream.abandon()  # closing it is how the replica (and its engine) hears the client left
@@ -202,6 +219,12 @@ class _ClientConnection(asyncio.Protocol):
             self._handoff.abandon()
         if self._worker is not None and not self._worker.done():
             self._worker.cancel()
+
+    def drain(self) -> None:
+        """The server is shutting down: close now if idle, else after the answer being written."""
+        self._draining = True
+        if not self._answering() and not self._closed:
+            self._close_idle_now()
 
     def pause_writing(self) -> None:
         if self._upstream is not None:
@@ -264,6 +287,9 @@ class _ClientConnection(asyncio.Protocol):
             return
         self._wait(None)  # the client waits for the answer now, as long as it takes
         request, self._reading = self._reading, None
+        if self._draining:
+            self._refuse(ServiceUnavailableError("The server is shutting down; retry on a new connection."))
+            return
         request.body = b"".join(self._body)
         self._pending.append(request)
         if not self._answering():
@@ -273,7 +299,7 @@ class _ClientConnection(asyncio.Protocol):
         while self._pending and not self._closed:
             request = self._pending.popleft()
             kept_alive = await self._serve(request)
-            if not kept_alive:
+            if not kept_alive or self._draining:
                 self._transport.close()
                 return
         if self._refusal is not None and not self._closed:
@@ -314,8 +340,12 @@ class _ClientConnection(asyncio.Protocol):
     def _close_idle(self) -> None:
         self._timer = None
         if not self._closed and self._reading is None and not self._pending and not self._answering():
-            self._closed = True
-            self._transport.close()
+            self._close_idle_now()
+
+    def _close_idle_now(self) -> None:
+        self._closed = True
+        self._wait(None)
+        self._transport.close()
 
     async def _serve(self, request: HttpRequest) -> bool:
         """One request's answer to the client; whether the connection stays open.

@@ -221,6 +221,17 @@ async def _to_replica(
     return Upstream(host, int(port), request_id, extra_headers, done, elsewhere if may_retry else None, last_words, hand_off=True)
 
 
+def _drain_budget_s() -> float:
+    """Serve's graceful_shutdown_timeout_s for this replica, less a second for the rest of the shutdown."""
+    try:
+        from ray import serve
+
+        timeout = serve.get_replica_context()._deployment_config.graceful_shutdown_timeout_s
+    except Exception:  # not in a Serve replica
+        timeout = 20.0
+    return max(0.0, timeout - 1.0)
+
+
 async def open_front_door(router: ModelRouter, host: str, port: int, keys: ApiKeys = ApiKeys(())) -> FrontDoor:
     """A front door for ``router`` listening on host:port, with the ingress's own app
     (on an internal port) behind it for everything that is not a replica's to answer."""
@@ -251,6 +262,18 @@ class OpenAiIngress:
         self._door: Optional[FrontDoor] = None
         if front_door:
             self._door = await open_front_door(self._router, front_door["host"], int(front_door["port"]), self._keys)
+
+    async def __del__(self):
+        """Serve stops this replica (Ctrl-C, redeploy, scale-down): the front door takes no
+        new requests, and the answers in flight finish before their leases end, so the
+        model replicas drain as soon as those are done."""
+        if self._door is not None:
+            left = await self._door.drain(_drain_budget_s())
+            if left:
+                logger.warning("%d connections were still being answered when the drain time ran out", left)
+        for backend in self._router.backends.values():
+            if isinstance(backend, ReplicaRelay):
+                await backend.aclose()
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return build_http_app(self._router, self._keys)

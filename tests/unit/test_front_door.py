@@ -413,6 +413,24 @@ def test_requests_sent_to_a_replica_whose_engine_died_are_served_by_another(tran
     asyncio.run(go())
 
 
+def test_a_drain_lets_answers_in_flight_finish_and_takes_nothing_new():
+    async def go():
+        async with Door() as door:
+            async with httpx.AsyncClient(base_url=door.url) as streaming, one_connection(door.url) as idle:
+                assert (await idle.post("/v1/completions", json={"prompt": "x"})).status_code == 200  # kept alive
+                in_flight = asyncio.ensure_future(streaming.post("/v1/completions", json=slow_stream(20)))
+                assert await settle(lambda: door.server.engine.open_streams == 1)
+                left = await door.door.drain(5.0)
+                answer = await in_flight
+                assert left == 0
+                assert answer.status_code == 200 and answer.text.count("data: ") == 22  # all 21 words and [DONE]
+                with pytest.raises(httpx.TransportError):  # the kept-alive connection was closed, no new one is taken
+                    await idle.post("/v1/completions", json={"prompt": "y"})
+            assert await settle(lambda: door.leases_held() <= 1)
+
+    asyncio.run(go())
+
+
 def test_a_handed_off_stream_cut_short_ends_with_one_error_event():
     async def go():
         event = b"data: {}\n\n"
