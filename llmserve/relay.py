@@ -55,6 +55,10 @@ logger = logging.getLogger(__name__)
 # A lease ends when the ingress cancels it at the end of its request; this
 # bounds one whose ingress died without doing so.
 MAX_LEASE_S = 3600.0
+# A lease older than this is not taken over by another request but replaced by
+# a fresh one, so Serve keeps placing them: within this time a draining replica
+# gets no new requests and a new replica its share.
+LEASE_RENEW_S = 5.0
 # The replica keeps idle connections open longer than the ingress reuses
 # them, so the ingress never sends on a connection the replica is closing.
 REPLICA_KEEP_ALIVE_S = 75
@@ -192,8 +196,15 @@ class ReplicaRelay:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # collected outside the serving loop: nothing to hand it to
             loop = None
-        if loop is None or lease.replica_url not in self._in_flight or lease.age() > MAX_LEASE_S / 2:
-            lease.cancel()  # an old one would end under a request that still runs
+        if loop is None or lease.replica_url not in self._in_flight:
+            lease.cancel()
+            return
+        if lease.age() > LEASE_RENEW_S:
+            # Serve places a fresh one: a replica being drained gets no more requests,
+            # and one just started gets its share.
+            lease.cancel()
+            if not self._waiting:  # (those in line get the place this frees through Serve)
+                _in_background(self._spare_lease())
             return
         while self._waiting:
             waiter = self._waiting.popleft()
@@ -204,6 +215,16 @@ class ReplicaRelay:
         # request costs no Ray call; one nobody takes ends after LEASE_LINGER_S.
         self._idle_leases.setdefault(lease.replica_url, []).append(lease)
         loop.call_later(LEASE_LINGER_S, self._expire, lease)
+
+    async def _spare_lease(self) -> None:
+        """A new lease, opened ahead of the request that will take it (so it waits for no Ray call)."""
+        spare = _Lease(self._lease_handle.reserve.remote())
+        try:
+            await self._learn_replica(spare)
+        except BaseException:
+            spare.cancel()
+            raise
+        self._recycle(spare)
 
     def _take_idle_lease(self, adapter: Optional[str]) -> Optional["_Lease"]:
         """An idle lease on the replica for a new request: one holding its adapter unless that
@@ -378,6 +399,19 @@ def _once(action: Any) -> Any:
             action()
 
     return run
+
+
+_background: set[asyncio.Task] = set()
+
+
+def _in_background(work: Any) -> None:
+    async def quietly() -> None:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await work
+
+    task = asyncio.ensure_future(quietly())
+    _background.add(task)  # asyncio keeps only weak references to tasks
+    task.add_done_callback(_background.discard)
 
 
 class ReplicaDataPlane:

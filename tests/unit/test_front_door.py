@@ -10,6 +10,7 @@ from starlette.responses import StreamingResponse
 
 from llmserve import LLMConfig, LLMServer
 from llmserve import front_door as front_door_module
+from llmserve import relay as relay_module
 from llmserve.front_door import FrontDoor, Upstream
 from llmserve.handoff import HandoffCall, HandoffListener, address_for
 from llmserve.ingress import open_front_door
@@ -409,6 +410,22 @@ def test_requests_sent_to_a_replica_whose_engine_died_are_served_by_another(tran
             assert all(answer.headers["x-llmserve-replica"] == alive._data_plane._name for answer in answers)
             assert answers[1].json()["choices"][0]["text"] == "one two"
             assert answers[0].text.endswith("data: [DONE]\n\n") and "error" not in answers[0].text
+
+    asyncio.run(go())
+
+
+def test_old_leases_are_replaced_so_serve_keeps_placing_requests(monkeypatch):
+    monkeypatch.setattr(relay_module, "LEASE_RENEW_S", 0.05)
+
+    async def go():
+        async with Door(replicas=2) as door, one_connection(door.url) as http:
+            names = []
+            for _ in range(8):
+                answer = await http.post("/v1/completions", json={"prompt": "x"})
+                names.append(answer.headers["x-llmserve-replica"])
+                await asyncio.sleep(0.08)  # one request at a time: without renewal one lease serves them all
+            assert len(set(names)) == 2, names
+            assert len(door.handle.leases) >= 4
 
     asyncio.run(go())
 
