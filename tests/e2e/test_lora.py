@@ -11,7 +11,6 @@ import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
-import boto3
 import openai
 import pytest
 import requests
@@ -20,7 +19,7 @@ from ray import serve
 from llmserve import build_openai_app
 from llmserve.tiny_model import make_tiny_adapter
 from tests.conftest import TEST_ENGINE_KWARGS
-from tests.e2e.conftest import free_port, tiny_config, wait_for_http
+from tests.e2e.conftest import local_s3, tiny_config, wait_for_http
 
 PROMPT = "Tell me a story about a dragon"
 ADAPTER_SEEDS = {"alpha": 11, "beta": 12, "gamma": 13}
@@ -173,24 +172,12 @@ def test_missing_broken_and_too_wide_adapters_get_clear_errors(lora_url):
 @pytest.fixture(scope="module")
 def s3_adapters(adapter_root):
     """alpha and beta uploaded to s3://adapters/tiny-a/ on a local moto server."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    credentials = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    s3 = boto3.client("s3", endpoint_url=credentials["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
-    s3.create_bucket(Bucket="adapters")
-    for name in ["alpha", "beta"]:
-        for file in (adapter_root / name).iterdir():
-            s3.upload_file(str(file), "adapters", f"tiny-a/{name}/{file.name}")
-    yield credentials
-    server.stop()
+    with local_s3() as (credentials, s3):
+        s3.create_bucket(Bucket="adapters")
+        for name in ["alpha", "beta"]:
+            for file in (adapter_root / name).iterdir():
+                s3.upload_file(str(file), "adapters", f"tiny-a/{name}/{file.name}")
+        yield credentials
 
 
 def test_adapters_from_s3_on_two_replicas_stay_with_the_replica_that_holds_them(serve_port, tiny_model_paths, s3_adapters, expected, tmp_path):

@@ -1,0 +1,200 @@
+"""Faults injected into a running `llmserve run`, and what its clients saw.
+
+``under_fault`` starts streams and keeps sending short requests while one
+process of the app is killed with SIGKILL, then sorts every answer:
+
+- completed: the whole answer, equal to the same request's answer without a fault;
+- failed cleanly: an HTTP error in the OpenAI envelope, or a stream that ends with
+  an error event and ``[DONE]``, or a connection refused before anything was sent
+  (nothing listened for a moment: the client can retry);
+- broken: cut without an error, or a wrong text (must be 0 where the app could know);
+- hung: no end within the clients' timeout (must always be 0).
+
+Processes are found among the descendants of the `llmserve run` process by the
+titles Ray and vLLM give them, so nothing outside the app is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import psutil
+import requests
+
+CLIENT_TIMEOUT_S = 120.0
+OUTCOMES = ("completed", "failed cleanly", "broken", "hung")
+
+
+@dataclass
+class Tally:
+    fault: str
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    details: list[str] = field(default_factory=list)
+    service_back_s: Optional[float] = None  # first request answered after the kill
+    recovered_s: Optional[float] = None  # every replica running again
+
+    def add(self, outcome: str, detail: str = "") -> None:
+        self.counts[outcome] += 1
+        if outcome in ("broken", "hung") and detail:
+            self.details.append(detail)
+
+    @property
+    def sent(self) -> int:
+        return sum(self.counts.values())
+
+    def row(self) -> str:
+        cells = [self.fault, str(self.sent)] + [str(self.counts[o]) for o in OUTCOMES]
+        cells += [_seconds(self.service_back_s), _seconds(self.recovered_s)]
+        return " | ".join(cells)
+
+
+def table(tallies: list[Tally]) -> str:
+    head = "fault | sent | " + " | ".join(OUTCOMES) + " | service back (s) | all replicas back (s)"
+    return "\n".join([head, "|".join(["---"] * (len(OUTCOMES) + 4))] + [t.row() for t in tallies])
+
+
+def _seconds(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def stream(base_url: str, body: dict) -> tuple[str, str]:
+    """One streamed completion: (outcome, the text or what went wrong)."""
+    text, saw_error = [], False
+    try:
+        with requests.post(base_url + "/v1/completions", json={**body, "stream": True}, stream=True, timeout=CLIENT_TIMEOUT_S) as response:
+            if response.status_code != 200:
+                return _http_error(response)
+            for line in response.iter_lines():
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[len(b"data: ") :]
+                if data == b"[DONE]":
+                    return ("failed cleanly", "error event") if saw_error else ("completed", "".join(text))
+                event = json.loads(data)
+                if "error" in event:
+                    saw_error = True
+                else:
+                    text.extend(choice.get("text", "") for choice in event.get("choices", []))
+        return "broken", f"stream cut after {len(text)} pieces without an error event"
+    except requests.ConnectionError as exc:
+        return _connection_error(exc, bool(text))
+    except requests.Timeout:
+        return "hung", "no end within the timeout"
+    except requests.exceptions.ChunkedEncodingError:
+        return "broken", f"stream cut mid-chunk after {len(text)} pieces"
+
+
+def whole(base_url: str, body: dict) -> tuple[str, str]:
+    """One whole completion: (outcome, the text or what went wrong)."""
+    try:
+        response = requests.post(base_url + "/v1/completions", json=body, timeout=CLIENT_TIMEOUT_S)
+    except requests.ConnectionError as exc:
+        return _connection_error(exc, False)
+    except requests.Timeout:
+        return "hung", "no answer within the timeout"
+    if response.status_code != 200:
+        return _http_error(response)
+    return "completed", response.json()["choices"][0]["text"]
+
+
+def _http_error(response) -> tuple[str, str]:
+    try:
+        envelope = response.json()["error"]
+        return "failed cleanly", f"{response.status_code} {envelope.get('code')}"
+    except Exception:
+        return "broken", f"{response.status_code} without the error envelope: {response.text[:200]!r}"
+
+
+def _connection_error(exc: Exception, started: bool) -> tuple[str, str]:
+    if not started and "refused" in str(exc).lower():
+        return "failed cleanly", "connection refused"
+    return "broken", f"connection error: {exc!r}"[:300]
+
+
+def processes(root_pid: int, title: str) -> list[psutil.Process]:
+    """The app's processes whose title starts with ``title`` (e.g. ``VLLM::EngineCore``)."""
+    found = []
+    for process in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if " ".join(process.cmdline()).startswith(title) or process.name().startswith(title):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def kill(process: psutil.Process) -> None:
+    process.send_signal(signal.SIGKILL)
+
+
+def under_fault(
+    fault: str,
+    base_url: str,
+    body: dict,
+    expected: str,
+    inject: Callable[[], None],
+    recovered: Callable[[], bool],
+    streams: int = 16,
+    probe_body: Optional[dict] = None,
+    probe_expected: Optional[str] = None,
+    recovery_timeout_s: float = 300.0,
+) -> Tally:
+    """Kill something while ``streams`` streams of ``body`` run and short requests keep coming."""
+    tally = Tally(fault)
+    lock = threading.Lock()
+    killed_at: list[float] = []
+    stop_probing = threading.Event()
+
+    def judge(outcome: str, text: str, want: str, kind: str) -> None:
+        if outcome == "completed" and text != want:
+            outcome, text = "broken", f"{kind}: wrong text {text[:80]!r}"
+        with lock:
+            tally.add(outcome, f"{kind}: {text}")
+
+    def one_stream(_):
+        judge(*stream(base_url, body), expected, "stream")
+
+    def probe():
+        while not stop_probing.is_set():
+            outcome, text = whole(base_url, probe_body or body)
+            if killed_at and outcome == "completed" and tally.service_back_s is None:
+                tally.service_back_s = time.monotonic() - killed_at[0]
+            judge(outcome, text, probe_expected if probe_body else expected, "request")
+            time.sleep(0.25)
+
+    with ThreadPoolExecutor(streams + 1) as pool:
+        running = [pool.submit(one_stream, i) for i in range(streams)]
+        prober = pool.submit(probe)
+        time.sleep(1.5)  # every stream is under way
+        killed_at.append(time.monotonic())
+        inject()
+        for future in running:
+            future.result()
+        deadline = killed_at[0] + recovery_timeout_s
+        while time.monotonic() < deadline and not recovered():
+            time.sleep(0.5)
+        if recovered():
+            tally.recovered_s = time.monotonic() - killed_at[0]
+        while tally.service_back_s is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        stop_probing.set()
+        prober.result()
+    return tally
+
+
+def status_line_after(log_path: Path, offset: int, pattern: str) -> Callable[[], bool]:
+    """Whether `llmserve run` printed a status line matching ``pattern`` past ``offset``."""
+    compiled = re.compile(pattern)
+
+    def seen() -> bool:
+        return bool(compiled.search(Path(log_path).read_text()[offset:]))
+
+    return seen
