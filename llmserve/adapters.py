@@ -124,12 +124,13 @@ class AdapterStore:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node; the others find it done
             if (target / ADAPTER_CONFIG).exists():
                 return str(target)
-            for stale in self._cache.glob(f".{name}-*"):
+            for stale in self._cache.glob(f".{name}+*"):
                 # Partial downloads of a process killed mid-way (it held the lock, and we hold it now).
                 shutil.rmtree(stale, ignore_errors=True)
             if not self._fs.exists(self._remote(name, ADAPTER_CONFIG)):
                 raise _not_found(name, self._root_url)
-            partial = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self._cache))
+            # "+" is in no adapter name: these folders are this adapter's alone.
+            partial = Path(tempfile.mkdtemp(prefix=f".{name}+", dir=self._cache))
             try:
                 for remote_file in self._fs.find(self._remote(name)):
                     relative = remote_file[len(self._remote(name)) :].lstrip("/")

@@ -2,8 +2,10 @@
 
 import asyncio
 import json
+from pathlib import Path
 
 import boto3
+import s3fs
 import pytest
 
 from llmserve.adapters import AdapterStore, LoadedAdapters, check_adapter_name
@@ -62,6 +64,7 @@ def s3_root(local_root, monkeypatch):
     endpoint = f"http://127.0.0.1:{port}"
     for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem made for an earlier test's server
     s3 = boto3.client("s3", endpoint_url=endpoint)
     s3.create_bucket(Bucket="models")
     for adapter in local_root.iterdir():
@@ -86,6 +89,18 @@ def test_s3_adapters_are_listed_and_downloaded_once(s3_root, tmp_path):
     assert asyncio.run(store.fetch("sql")) == first  # the node's copy is reused
     with pytest.raises(ModelNotFoundError):
         asyncio.run(store.fetch("missing"))
+
+
+def test_a_download_killed_mid_way_leaves_nothing_that_is_used_or_kept(s3_root, tmp_path):
+    store = AdapterStore(LoraConfig(dynamic_lora_loading_path="s3://models/lora/"), cache_dir=tmp_path / "cache")
+    cache = store._cache
+    # What a replica killed while downloading leaves: a partial folder, no finished one.
+    (cache / ".sql+killed" / "adapter_config.json").parent.mkdir(parents=True)
+    (cache / ".sql+killed" / "adapter_config.json").write_text("{trunc")
+    (cache / ".sql-2+busy").mkdir()  # another adapter's download in progress: not ours to touch
+    local_dir = asyncio.run(store.fetch("sql"))
+    assert json.loads(Path(local_dir, "adapter_config.json").read_text())["r"] == 8
+    assert sorted(path.name for path in cache.iterdir() if path.is_dir()) == [".sql-2+busy", "sql"]
 
 
 def test_lru_keeps_at_most_n_and_never_evicts_one_in_use(local_root):
