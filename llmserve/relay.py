@@ -59,6 +59,8 @@ MAX_LEASE_S = 3600.0
 # a fresh one, so Serve keeps placing them: within this time a draining replica
 # gets no new requests and a new replica its share.
 LEASE_RENEW_S = 5.0
+# How often a replica asks whether the ingress replicas holding its leases are alive.
+LEASE_OWNER_CHECK_S = 5.0
 # The replica keeps idle connections open longer than the ingress reuses
 # them, so the ingress never sends on a connection the replica is closing.
 REPLICA_KEEP_ALIVE_S = 75
@@ -154,7 +156,7 @@ class ReplicaRelay:
         """A new lease from Serve, or one a finished request hands over first, whichever comes sooner."""
         handed_over = asyncio.get_running_loop().create_future()
         self._waiting.append(handed_over)
-        own = _Lease(self._lease_handle.reserve.remote())
+        own = _Lease(self._lease_handle.reserve.remote(_this_actor()))
         learning = asyncio.ensure_future(self._learn_replica(own))
         waited = False
         try:
@@ -218,7 +220,7 @@ class ReplicaRelay:
 
     async def _spare_lease(self) -> None:
         """A new lease, opened ahead of the request that will take it (so it waits for no Ray call)."""
-        spare = _Lease(self._lease_handle.reserve.remote())
+        spare = _Lease(self._lease_handle.reserve.remote(_this_actor()))
         try:
             await self._learn_replica(spare)
         except BaseException:
@@ -403,6 +405,55 @@ def _once(action: Any) -> Any:
     return run
 
 
+def _this_actor() -> Any:
+    """This process's Ray actor (an ingress replica's), to name as the owner of its leases."""
+    global _own_actor
+    if _own_actor is _UNKNOWN:
+        try:
+            import ray
+
+            _own_actor = ray.get_runtime_context().current_actor if ray.is_initialized() else None
+        except Exception:  # not an actor (a driver, a test)
+            _own_actor = None
+    return _own_actor
+
+
+_UNKNOWN = object()
+_own_actor: Any = _UNKNOWN
+
+
+class _LeaseOwners:
+    """In a replica: one watch per ingress actor that holds leases here, asking every
+    LEASE_OWNER_CHECK_S whether it is alive; its leases end when it is not."""
+
+    def __init__(self):
+        self._deaths: dict[str, asyncio.Future] = {}
+
+    def death_of(self, owner: Any) -> asyncio.Future:
+        key = owner._actor_id.hex()
+        death = self._deaths.get(key)
+        if death is None:
+            death = self._deaths[key] = asyncio.get_running_loop().create_future()
+            _in_background(self._watch(key, owner, death))
+        return asyncio.shield(death)
+
+    async def _watch(self, key: str, owner: Any, death: asyncio.Future) -> None:
+        try:
+            while True:
+                await asyncio.sleep(LEASE_OWNER_CHECK_S)
+                try:
+                    await owner.__ray_ready__.remote()
+                except Exception as exc:
+                    if any(cls.__name__ in ("RayActorError", "ActorDiedError") for cls in type(exc).__mro__):
+                        logger.warning("the ingress replica holding leases here died; its leases end")
+                        death.set_result(None)
+                        return
+        finally:
+            self._deaths.pop(key, None)
+            if not death.done():
+                death.cancel()
+
+
 _background: set[asyncio.Task] = set()
 
 
@@ -426,6 +477,7 @@ class ReplicaDataPlane:
         self._server: Any = None
         self._handoff: Optional[HandoffListener] = None
         self._starting = asyncio.Lock()
+        self._owners = _LeaseOwners()
         self.leases_held = 0
 
     async def url(self) -> str:
@@ -435,13 +487,20 @@ class ReplicaDataPlane:
                 self._url = await self._start()
         return self._url
 
-    async def hold(self) -> AsyncIterator[str]:
-        """Yield this server's URL once, then stay open until the caller cancels."""
+    async def hold(self, owner: Any = None) -> AsyncIterator[str]:
+        """Yield this server's URL once, then stay open until the caller cancels, or until
+        ``owner`` (the ingress replica's actor, when there is one) is found dead: Ray does
+        not end a call whose caller died, and Serve would count it for an hour."""
         url = await self.url()
         self.leases_held += 1
         try:
             yield url
-            await asyncio.sleep(MAX_LEASE_S)
+            if owner is None:
+                await asyncio.sleep(MAX_LEASE_S)
+            else:
+                await asyncio.wait_for(self._owners.death_of(owner), MAX_LEASE_S)
+        except asyncio.TimeoutError:
+            pass
         finally:
             self.leases_held -= 1
 

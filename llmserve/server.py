@@ -149,12 +149,12 @@ class LLMServer:
         """The OpenAPI operations of this model's endpoints (openapi.py)."""
         return await self._engine.api_schema()
 
-    async def reserve(self) -> AsyncIterator[tuple[str, Admission]]:
+    async def reserve(self, owner: Any = None) -> AsyncIterator[tuple[str, Admission]]:
         """A lease: this replica's HTTP URL and admission limits, then open (one ongoing
-        request to Serve) until cancelled."""
+        request to Serve) until cancelled, or until ``owner`` (the ingress actor) dies."""
         if self._engine.is_dead():
             raise self._unavailable()
-        async for url in self._data_plane.hold():
+        async for url in self._data_plane.hold(owner):
             yield url, self._admission
 
     async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> Union[bytes, BinaryOutput, LLMServeError]:

@@ -152,7 +152,7 @@ class InProcessHandle:
     def options(self, **_):
         return self
 
-    def _reserve(self):
+    def _reserve(self, owner=None):
         self.leases.append(LeaseCall(self._admitted()))
         return self.leases[-1]
 

@@ -38,7 +38,7 @@ class Tally:
     fault: str
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     details: list[str] = field(default_factory=list)
-    service_back_s: Optional[float] = None  # first request answered after the kill
+    service_back_s: Optional[float] = None  # until a request sent after the kill was answered
     recovered_s: Optional[float] = None  # every replica running again
 
     def add(self, outcome: str, detail: str = "") -> None:
@@ -131,6 +131,24 @@ def processes(root_pid: int, title: str) -> list[psutil.Process]:
     return found
 
 
+_ONGOING = """
+import json, ray
+ray.init(address="auto", namespace="serve", log_to_driver=False)
+names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_REPLICA::") and "#LLMServer" in a["name"]]
+print(json.dumps({name: ray.get(ray.get_actor(name, namespace="serve").get_num_ongoing_requests.remote()) for name in names}))
+"""
+
+
+def ongoing_requests() -> dict[str, int]:
+    """What Serve counts as ongoing on each model replica of the running app (its leases)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _ONGOING], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def kill(process: psutil.Process) -> None:
     process.send_signal(signal.SIGKILL)
 
@@ -164,8 +182,9 @@ def under_fault(
 
     def probe():
         while not stop_probing.is_set():
+            sent_after_kill = bool(killed_at)
             outcome, text = whole(base_url, probe_body or body)
-            if killed_at and outcome == "completed" and tally.service_back_s is None:
+            if sent_after_kill and outcome == "completed" and tally.service_back_s is None:
                 tally.service_back_s = time.monotonic() - killed_at[0]
             judge(outcome, text, probe_expected if probe_body else expected, "request")
             time.sleep(0.25)

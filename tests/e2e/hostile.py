@@ -101,3 +101,57 @@ def send(host: str, port: int, raw: bytes) -> Optional[int]:
 def send_corpus(host: str, port: int, *, model: str, context_length: int) -> Iterator[tuple[Hostile, Optional[int]]]:
     for case in corpus(model, context_length):
         yield case, send(host, port, case.raw)
+
+
+def stalled_connections(host: str, port: int, *, model: str, count: int = 400, head_timeout_s: float = 15.0) -> dict:
+    """Open ``count`` connections that stall (half send part of a head and stop, half send
+    nothing) and measure what they cost: the median latency of a small request before
+    and while they are open, the ingress's memory, and how long until every stalled head
+    got its 408."""
+    import statistics
+    import time
+
+    import psutil
+
+    def latency_ms() -> float:
+        body = json.dumps({"model": model, "prompt": "hi"}).encode()
+        samples = []
+        for _ in range(7):
+            started = time.monotonic()
+            assert send(host, port, _post("/tokenize", body)) == 200
+            samples.append((time.monotonic() - started) * 1000)
+        return statistics.median(samples)
+
+    def ingress_rss_mb() -> float:
+        found = [p for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or []).startswith("ray::ServeReplica:") and "OpenAiIngress" in " ".join(p.info["cmdline"] or [])]
+        return sum(p.memory_info().rss for p in found) / 2**20
+
+    before_ms, before_rss = latency_ms(), ingress_rss_mb()
+    stalled = []
+    for index in range(count):
+        sock = socket.create_connection((host, port), timeout=TIMEOUT_S)
+        if index % 2 == 0:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n")
+        stalled.append(sock)
+    opened = time.monotonic()
+    during_ms, during_rss = latency_ms(), ingress_rss_mb()
+    timed_out = 0
+    for sock in stalled[::2]:
+        sock.settimeout(max(1.0, head_timeout_s + 10 - (time.monotonic() - opened)))
+        try:
+            if sock.recv(64).startswith(b"HTTP/1.1 408"):
+                timed_out += 1
+        except OSError:
+            pass
+    all_answered_s = time.monotonic() - opened
+    for sock in stalled:
+        sock.close()
+    return {
+        "stalled": count,
+        "latency_before_ms": before_ms,
+        "latency_during_ms": during_ms,
+        "ingress_rss_before_mb": before_rss,
+        "ingress_rss_during_mb": during_rss,
+        "heads_answered_408": timed_out,
+        "seconds_until_every_head_got_408": all_answered_s,
+    }

@@ -3,6 +3,7 @@
 One `llmserve run` serves the same tiny model twice, one replica each, both
 with `max_ongoing_requests: 4`: "lined-up" queues without bound, "bounded"
 queues at most 8 requests and refuses the rest with a 429. Plain HTTP clients.
+A client that leaves, mid-stream or while waiting in line, is let go by the engine too.
 """
 
 import threading
@@ -14,7 +15,7 @@ import requests
 import yaml
 
 from tests.conftest import TEST_ENGINE_KWARGS
-from tests.e2e.conftest import BIN, free_port, start, stop, wait_for_line
+from tests.e2e.conftest import BIN, engine_stats, free_port, start, stop, wait_for_line
 
 MAX_ONGOING = 4
 MAX_QUEUED = 8
@@ -95,3 +96,19 @@ def test_past_max_queued_requests_the_rest_get_429_with_retry_after_at_once(base
         assert response.json()["error"]["code"] == "rate_limit_exceeded"
     # Once the line is gone, the model serves again.
     assert complete(base_url, "bounded")[0].status_code == 200
+
+
+def test_a_client_leaving_mid_stream_aborts_its_engine_request(base_url):
+    deployment = "LLMServer:lined-up"
+    before = engine_stats(deployment)
+    body = {"model": "lined-up", "prompt": "Once upon a time", "max_tokens": 400, "min_tokens": 400, "temperature": 0, "stream": True}
+    with requests.post(base_url + "/v1/completions", json=body, stream=True, timeout=120) as response:
+        events = (line for line in response.iter_lines(chunk_size=1) if line.startswith(b"data: "))
+        next(events), next(events)  # under way; then the client hangs up
+    deadline = time.monotonic() + 20
+    while (after := engine_stats(deployment))["requests_aborted"] == before["requests_aborted"]:
+        assert time.monotonic() < deadline, "the engine never aborted the request of a client that left"
+        time.sleep(0.5)
+    assert after["requests_aborted"] == before["requests_aborted"] + 1
+    assert after["requests_in_engine"] == 0
+    assert after["requests_handed_off"] > before["requests_handed_off"]  # the default path: the replica wrote the stream

@@ -17,7 +17,7 @@ from llmserve.tiny_model import make_tiny_vlm
 from tests.conftest import REPO, SPEECH_ENGINE_KWARGS, TEST_ENGINE_KWARGS
 from tests.e2e import surface
 from tests.e2e.fuzz import fuzz
-from tests.e2e.hostile import send_corpus
+from tests.e2e.hostile import send_corpus, stalled_connections
 from tests.e2e.conftest import BIN, free_port, start, stop, wait_for_line
 
 EXAMPLES = REPO / "examples"
@@ -205,6 +205,17 @@ def test_fuzzing_from_the_openapi_schema_finds_no_5xx(base_url, request):
     assert not report.failures, "\n".join(report.failures[:20])
     assert report.by_status.get(200, 0) > 0  # some generated requests were valid and served
     assert replicas_by_model(base_url) == before
+
+
+def test_hundreds_of_stalled_connections_cost_nothing_and_are_let_go(base_url):
+    """Slowloris: 200 connections sending half a request head, 200 sending nothing."""
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    cost = stalled_connections(host, int(port), model="scripted", count=400)
+    print(cost)
+    assert cost["latency_during_ms"] <= 2 * cost["latency_before_ms"] + 20, cost
+    assert cost["ingress_rss_during_mb"] - cost["ingress_rss_before_mb"] < 64, cost
+    assert cost["heads_answered_408"] == 200, cost  # each got its 408 (HEAD_TIMEOUT_S), none was held
+    assert cost["seconds_until_every_head_got_408"] < 15 + 10, cost
 
 
 def test_hostile_requests_get_a_clear_4xx_and_the_app_keeps_serving(base_url):
