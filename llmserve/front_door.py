@@ -42,7 +42,6 @@ from llmserve.errors import (
     LLMServeError,
     PayloadTooLargeError,
     RequestTimeoutError,
-    ReplicaUnavailableError,
     ServiceUnavailableError,
 )
 from llmserve.handoff import COMPLETE, DECLINED, HandoffCall, address_for
@@ -365,8 +364,8 @@ class _ClientConnection(asyncio.Protocol):
                     outcome = await self._spliced(request, upstream, connection)
                 if outcome is not _DECLINED:
                     return outcome
-                if upstream.elsewhere is None:
-                    raise ReplicaUnavailableError(f"No replica could serve request {upstream.request_id}; retry later.")
+                if upstream.elsewhere is None:  # (a plain 503: the retry-elsewhere mark is not for clients)
+                    raise ServiceUnavailableError(f"No replica could serve request {upstream.request_id}; retry later.")
                 upstream = await upstream.elsewhere()
         except Exception as exc:  # before anything was written to the client
             if upstream is not None:
