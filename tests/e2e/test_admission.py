@@ -20,7 +20,7 @@ from tests.e2e.conftest import BIN, engine_stats, free_port, start, stop, wait_f
 MAX_ONGOING = 4
 MAX_QUEUED = 8
 # Equal requests: the same greedy prompt, always this many tokens.
-TOKENS = 96
+TOKENS = 160
 
 
 @pytest.fixture(scope="module")
