@@ -377,9 +377,12 @@ def _refusal(exc: BaseException) -> BaseException:
 
 def _replica_went_away(exc: BaseException) -> bool:
     """A lease failed because its replica is dying or dead, not because of the request."""
-    if isinstance(exc, ReplicaUnavailableError):
-        return True
-    return any(cls.__name__ in ("ActorDiedError", "ActorUnavailableError", "RayActorError") for cls in type(exc).__mro__)
+    return isinstance(exc, ReplicaUnavailableError) or _actor_gone(exc)
+
+
+def _actor_gone(exc: BaseException) -> bool:
+    """Ray's word that an actor died or cannot be reached (RayActorError and its kinds)."""
+    return any(cls.__name__ == "RayActorError" for cls in type(exc).__mro__)
 
 
 def _line_full(status_code: int, retry_after_s: Optional[float]) -> Exception:
@@ -444,7 +447,7 @@ class _LeaseOwners:
                 try:
                     await owner.__ray_ready__.remote()
                 except Exception as exc:
-                    if any(cls.__name__ in ("RayActorError", "ActorDiedError") for cls in type(exc).__mro__):
+                    if _actor_gone(exc):
                         logger.warning("the ingress replica holding leases here died; its leases end")
                         death.set_result(None)
                         return
