@@ -48,38 +48,31 @@ def _default_engine_cls() -> type[Engine]:
     return VLLMEngine
 
 
+def _replica_context() -> Any:
+    """Serve's context of this replica; None outside Serve (tests, notebooks)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context()
+    except Exception:
+        return None
+
+
 def _admission(config: LLMConfig) -> Admission:
     """This replica's admission limits: Serve's max_ongoing_requests (the bind pattern may
     have set it in `.options()`), and the line the config asks the ingress to keep."""
-    try:
-        from ray import serve
-
-        return Admission.of(config, serve.get_replica_context()._deployment_config.max_ongoing_requests)
-    except Exception:  # not in a Serve replica (tests, notebooks)
-        return Admission.of(config)
-
-
-def _in_serve_replica() -> bool:
-    try:
-        from ray import serve
-
-        serve.get_replica_context()
-        return True
-    except Exception:
-        return False
+    context = _replica_context()
+    return Admission.of(config, context._deployment_config.max_ongoing_requests if context else None)
 
 
 def _replica_name(model_id: str) -> str:
     """Serve's name for this replica (deployment#id); outside Serve, the model id and a random suffix."""
-    try:
-        from ray import serve
-
-        context = serve.get_replica_context()
+    context = _replica_context()
+    if context is not None:
         return f"{context.deployment}#{context.replica_id.unique_id}"
-    except Exception:  # not in a Serve replica (tests, notebooks)
-        import uuid
+    import uuid
 
-        return f"{model_id}#{uuid.uuid4().hex[:8]}"
+    return f"{model_id}#{uuid.uuid4().hex[:8]}"
 
 
 class LLMServer:
@@ -216,7 +209,7 @@ class LLMServer:
         while not self._engine.is_dead():
             await asyncio.sleep(ENGINE_WATCH_PERIOD_S)
         logger.error("the engine of %s died; this replica stops serving and exits", self._config.model_id)
-        if _in_serve_replica():
+        if _replica_context() is not None:
             await asyncio.sleep(DEAD_REPLICA_EXIT_DELAY_S)
             # Serve replaces a replica whose process is gone as soon as it sees it;
             # a failing health check would take up to health_check_period_s more.
