@@ -17,6 +17,7 @@ import yaml
 from tests.conftest import TEST_ENGINE_KWARGS
 from tests.e2e.conftest import BIN, engine_stats, free_port, start, stop, wait_for_line
 
+RUNNING: dict = {}  # the `llmserve run` process, for the Ctrl-C test
 MAX_ONGOING = 4
 MAX_QUEUED = 8
 # Equal requests: the same greedy prompt, always this many tokens.
@@ -42,6 +43,7 @@ def base_url(tiny_model_paths, tmp_path_factory):
     process, log = start([str(BIN / "llmserve"), "run", "config.yaml"], folder, log_path)
     try:
         wait_for_line(log_path, "ready in", process)
+        RUNNING["process"] = process
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(process)
@@ -112,3 +114,21 @@ def test_a_client_leaving_mid_stream_aborts_its_engine_request(base_url):
     assert after["requests_aborted"] == before["requests_aborted"] + 1
     assert after["requests_in_engine"] == 0
     assert after["requests_handed_off"] > before["requests_handed_off"]  # the default path: the replica wrote the stream
+
+
+def test_ctrl_c_lets_the_streams_in_flight_finish(base_url):
+    """Graceful drain: Ctrl-C while streams run; each ends whole, with [DONE] and no error (runs last)."""
+    import signal
+
+    from tests.e2e import chaos
+
+    body = {"model": "lined-up", "prompt": "Once upon a time", "max_tokens": TOKENS, "min_tokens": TOKENS, "temperature": 0}
+    expected = chaos.stream(base_url, body)
+    assert expected[0] == "completed"
+    with ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(chaos.stream, base_url, body) for _ in range(4)]
+        time.sleep(0.5)  # under way
+        RUNNING["process"].send_signal(signal.SIGINT)
+        outcomes = [future.result() for future in streams]
+    assert outcomes == [expected] * 4, outcomes
+    assert RUNNING["process"].wait(timeout=120) == 0
