@@ -113,6 +113,10 @@ class Engine(Protocol):
     def is_dead(self) -> bool:
         """Whether the engine died (its core process exited): it will serve nothing more."""
 
+    def continues_streams_of(self, endpoint: Endpoint) -> Optional[int]:
+        """Its context length (max_model_len) if a stream of ``endpoint`` can be continued on
+        another replica from the token ids of its prompt and output (``migration.py``); else None."""
+
     async def load_adapter(self, model_name: str, local_dir: str) -> None:
         """Make LoRA adapter ``local_dir`` answer requests for ``model_name`` (``base:adapter``)."""
 

@@ -44,7 +44,8 @@ from llmserve.errors import (
     RequestTimeoutError,
     ServiceUnavailableError,
 )
-from llmserve.handoff import COMPLETE, DECLINED, HandoffCall, address_for
+from llmserve.handoff import COMPLETE, CONTINUATION_FAILED, CUT_SHORT, DECLINED, HandoffCall, address_for
+from llmserve.migration import CONTINUES_HEADER, MAX_MIGRATIONS, PROGRESS_HEADER, Resume
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ BODY_STALL_S = 30.0
 IDLE_TIMEOUT_S = 75.0
 # Hop-by-hop headers: they describe one connection, not the request.
 _HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"expect", b"host"}
+# A request that replicas decline before writing anything (their engines died) is
+# offered to this many others, so a request that kills engines does not kill them all.
+MAX_DECLINES = 1
+# Headers between the front door and replicas (migration.py): never taken from a client.
+_INTERNAL_HEADER_PREFIX = b"x-llmserve-"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _RETRY_ELSEWHERE = RETRY_ELSEWHERE_HEADER.encode()
 _REASONS = {
@@ -104,6 +110,8 @@ class Upstream:
     last_words: Callable[[], bytes] = lambda: b""
     # A model replica: on this node it writes its answer to the client itself (handoff.py).
     hand_off: bool = False
+    # A stream another replica can continue if this one dies: the replica reports its writes (migration.py).
+    reports_progress: bool = False
 
 
 Route = Callable[[HttpRequest], Awaitable[Upstream]]
@@ -244,7 +252,9 @@ class _ClientConnection(asyncio.Protocol):
         self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._reading.headers.append((name.lower(), value))
+        name = name.lower()
+        if not name.startswith(_INTERNAL_HEADER_PREFIX):
+            self._reading.headers.append((name, value))
         self._count_head(len(name) + len(value))
         if len(self._reading.headers) > MAX_HEADERS and not self._stopped():
             self._refuse(HeaderFieldsTooLargeError(f"The request has more than {MAX_HEADERS} headers."))
@@ -350,9 +360,11 @@ class _ClientConnection(asyncio.Protocol):
         """One request's answer to the client; whether the connection stays open.
 
         A replica that declines the request before writing anything (its
-        engine died) is left for the next place the route offers.
+        engine died) is left for the next place the route offers; a stream
+        whose replica died goes on at another (``_continue_stream``).
         """
         upstream: Optional[Upstream] = None
+        declined = 0
         try:
             upstream = await self._route(request)
             while True:
@@ -363,8 +375,9 @@ class _ClientConnection(asyncio.Protocol):
                     upstream, connection = await self._connect(upstream)
                     outcome = await self._spliced(request, upstream, connection)
                 if outcome is not _DECLINED:
-                    return outcome
-                if upstream.elsewhere is None:  # (a plain 503: the retry-elsewhere mark is not for clients)
+                    break
+                declined += 1
+                if upstream.elsewhere is None or declined > MAX_DECLINES:  # (a plain 503: the mark is not for clients)
                     raise ServiceUnavailableError(f"No replica could serve request {upstream.request_id}; retry later.")
                 upstream = await upstream.elsewhere()
         except Exception as exc:  # before anything was written to the client
@@ -372,38 +385,89 @@ class _ClientConnection(asyncio.Protocol):
                 upstream.done()
             self._answer_and_close(_failure(exc, upstream.request_id if upstream else None))
             return False
+        if isinstance(outcome, Resume):
+            return await self._continue_stream(request, upstream, outcome)
+        return outcome
 
-    async def _hand_off(self, request: HttpRequest, upstream: Upstream) -> Optional[HandoffCall]:
+    async def _continue_stream(self, request: HttpRequest, upstream: Upstream, resume: Resume) -> bool:
+        """The rest of a stream whose replica died, from other replicas (migration.py): whether
+        the connection stays open. The client has the head: failures end it with an error event."""
+        tries = 0
+        while not self._closed:
+            tries += 1
+            try:
+                if upstream.elsewhere is None or tries > MAX_MIGRATIONS + 1:
+                    raise ServiceUnavailableError("no replica is left to continue the stream")
+                upstream = await upstream.elsewhere()
+                continuation = HttpRequest(
+                    b"POST", b"/v1/completions", request.headers + resume.headers(), resume.body(), request.keep_alive
+                )
+                handoff = await self._hand_off(continuation, upstream, continues=True)
+            except Exception as exc:
+                logger.warning("request %s: its stream could not be continued: %r", upstream.request_id, exc)
+                handoff = None
+            if handoff is None:  # (a replica on another node cannot write to this socket)
+                upstream.done()
+                self._transport.write(upstream.last_words())
+                return False
+            logger.info(
+                "request %s: stream continued on another replica (migration %d, %d tokens already sent)",
+                upstream.request_id, resume.migrations, len(resume.generated),
+            )  # fmt: skip
+            outcome = await self._handed_off(continuation, upstream, handoff, resume)
+            if isinstance(outcome, Resume):
+                resume = outcome
+            elif outcome is not _DECLINED:
+                return outcome
+        return False
+
+    async def _hand_off(self, request: HttpRequest, upstream: Upstream, continues: bool = False) -> Optional[HandoffCall]:
         """The request given to a replica on this node with the client's socket, or None to splice."""
         sock = self._transport.get_extra_info("socket")
         if not upstream.hand_off or request.http_version != "1.1" or sock is None:
             return None
         if self._transport.get_write_buffer_size():  # our bytes must reach the client before the replica's
             return None
-        head = {"method": request.method.decode("latin-1"), "path": request.path.decode("latin-1"), "headers": _handoff_headers(request, upstream)}
+        headers = _handoff_headers(request, upstream)
+        if upstream.reports_progress:
+            headers.append((PROGRESS_HEADER, "1"))
+        head = {"method": request.method.decode("latin-1"), "path": request.path.decode("latin-1"), "headers": headers}
+        if continues:
+            head["continues"] = True  # the client has this stream's head: the replica writes only events
         try:
-            return await HandoffCall.start(address_for(upstream.host, upstream.port), sock.fileno(), head, request.body)
+            return await HandoffCall.start(
+                address_for(upstream.host, upstream.port), sock, head, request.body, reports_progress=upstream.reports_progress
+            )
         except OSError:
             return None  # on another node (or gone, which the TCP connect finds out)
 
-    async def _handed_off(self, request: HttpRequest, upstream: Upstream, handoff: HandoffCall) -> Any:
-        """Wait while the replica answers on the client's socket: whether the connection
-        stays open, or _DECLINED."""
+    async def _handed_off(self, request: HttpRequest, upstream: Upstream, handoff: HandoffCall, resume: Optional[Resume] = None) -> Any:
+        """Wait while the replica answers on the client's socket: whether the connection stays
+        open; _DECLINED; or, for a stream the replica left unfinished, its ``Resume``."""
         self._handoff = handoff
         try:
             outcome = await handoff.finished()
+            cut = outcome == CUT_SHORT and handoff.head_sent and handoff.streaming and not self._closed
+            delivered = handoff.delivered() if cut else None
         finally:
             self._handoff = None
+            handoff.close()
             upstream.done()
-        if (outcome == DECLINED or not handoff.head_sent) and not self._closed:
+        if self._closed:
+            return False
+        if outcome == DECLINED or (not handoff.head_sent and outcome != CONTINUATION_FAILED):
             # Declined, or the replica died before writing anything: another one can serve it.
             return _DECLINED
-        if outcome != COMPLETE and not self._closed:
-            # The replica writes whole chunks, so a stream it left is at a chunk boundary.
-            tail = upstream.last_words() if handoff.head_sent and handoff.streaming else b""
-            self._transport.write(tail)
-            return bool(tail) and request.keep_alive
-        return request.keep_alive
+        if outcome == COMPLETE or (delivered is not None and delivered.exact and delivered.ended):
+            return request.keep_alive
+        if delivered is not None:
+            resumed = Resume.after_cut(delivered, resume)
+            if resumed is not None:
+                return resumed
+        # The replica writes whole chunks, so a stream it left is at a chunk boundary.
+        tail = upstream.last_words() if handoff.streaming or resume is not None else b""
+        self._transport.write(tail)
+        return bool(tail) and request.keep_alive
 
     async def _spliced(self, request: HttpRequest, upstream: Upstream, connection: "_UpstreamConnection") -> Any:
         """Copy the replica's answer to the client: whether the connection stays open, or _DECLINED."""
@@ -426,17 +490,19 @@ class _ClientConnection(asyncio.Protocol):
     async def _connect(self, upstream: Upstream) -> tuple[Upstream, "_UpstreamConnection"]:
         """A connection to ``upstream``, or to where it says to go instead; ``done`` runs for each refusal."""
         loop = asyncio.get_running_loop()
-        try:
-            _, connection = await loop.create_connection(
-                lambda: _UpstreamConnection(self._transport, loop), upstream.host, upstream.port
-            )
-            return upstream, connection
-        except OSError:
-            upstream.done()
-            if upstream.elsewhere is None:
-                raise
-            # Nothing was sent yet, so another replica can take the request.
-            return await self._connect(await upstream.elsewhere())
+        for refused in range(MAX_DECLINES + 1):
+            try:
+                _, connection = await loop.create_connection(
+                    lambda: _UpstreamConnection(self._transport, loop), upstream.host, upstream.port
+                )
+                return upstream, connection
+            except OSError:
+                upstream.done()
+                if upstream.elsewhere is None or refused == MAX_DECLINES:
+                    raise
+                # Nothing was sent yet, so another replica can take the request.
+                upstream = await upstream.elsewhere()
+        raise AssertionError("unreachable")
 
     def _answer_and_close(self, error: LLMServeError) -> None:
         body = error.to_json_bytes()
@@ -455,6 +521,7 @@ def _failure(exc: Exception, request_id: Optional[str]) -> LLMServeError:
 
 
 def _handoff_headers(request: HttpRequest, upstream: Upstream) -> list[tuple[str, str]]:
+    # (The continuation of a stream carries its own x-llmserve- headers; a client's never get here.)
     headers = [(k, v) for k, v in request.headers if k not in _HOP_HEADERS] + upstream.extra_headers
     headers.append((b"content-length", b"%d" % len(request.body)))
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]

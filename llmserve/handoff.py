@@ -16,12 +16,18 @@ connection when the head went out (``S`` for a stream, ``H`` otherwise) and
 how it ended (``K``: complete, the connection can carry the next request;
 ``C``: cut short, close it; ``R``: declined before writing anything, as a
 replica whose engine died does, so the front door sends the request to
-another replica). The front door sends ``X`` when the client left,
+another replica; ``F``: a stream's continuation failed before writing, so
+the front door ends the stream). The front door sends ``X`` when the client left,
 which aborts the request in the engine. A Unix connection that just closes
 means the front door itself died (its ingress replica was killed): the
 replica then finishes the answer on its own copy of the socket, watches the
 client itself, and closes the connection after it, so a stream outlives
 the ingress that routed it.
+
+Streams can also outlive the replica that writes them (``migration.py``):
+with the socket comes the write end of a pipe, where the replica describes
+each write before it makes it, and a request may continue a stream the
+client already has the head of (``continues`` in the handed-over head).
 
 Replicas listen on an abstract Unix socket named after their Ray node and HTTP
 address, so only processes of that node (in its network namespace) can reach
@@ -31,15 +37,21 @@ over TCP instead.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import socket
 import struct
+import termios
 from typing import Any, Optional
 
 from llmserve.errors import RETRY_ELSEWHERE_HEADER
+from llmserve.migration import Delivered
+from llmserve.responses import MARK_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +62,12 @@ COMPLETE = b"K"
 CUT_SHORT = b"C"
 CLIENT_LEFT = b"X"
 DECLINED = b"R"
+CONTINUATION_FAILED = b"F"
+# Room for the lines that describe a stream's writes (about 20 bytes a token);
+# a stream whose lines do not fit is not continued if its replica dies.
+PROGRESS_PIPE_BYTES = 1024 * 1024
+# Where Linux's struct tcp_info holds tcpi_bytes_acked (a u64, since Linux 4.1).
+_TCP_INFO_BYTES_ACKED = 120
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 413: "Payload Too Large", 500: "Internal Server Error"}
 
 
@@ -104,19 +122,20 @@ class HandoffListener:
         client: Optional[socket.socket] = None
         try:
             fds, head, body = await _receive_request(connection)
-            if len(fds) != 1:
+            if not 1 <= len(fds) <= 2:
                 for fd in fds:
                     socket.close(fd)
                 return
             client = socket.socket(fileno=fds[0])
             client.setblocking(False)
             self.taken += 1
-            answer = _Answer(client, connection)
+            answer = _Answer(client, connection, fds[1] if len(fds) == 2 else None, continues=bool(head.get("continues")))
             try:
                 await self._app(_scope(head), answer.receive(body), answer.send)
                 answer.finish()
             finally:
                 await answer.stop_watching()
+                answer.close_progress()
         except Exception as exc:  # a broken handoff: the front door closes the client connection
             logger.debug("handoff ended early: %r", exc)
             with contextlib.suppress(OSError):
@@ -137,7 +156,7 @@ async def _receive_request(connection: socket.socket) -> tuple[list[int], dict[s
     loop = asyncio.get_running_loop()
     while True:
         try:
-            prefix, fds, _, _ = socket.recv_fds(connection, _PREFIX.size, 1)
+            prefix, fds, _, _ = socket.recv_fds(connection, _PREFIX.size, 2)
             break
         except BlockingIOError:
             await _readable(connection)
@@ -185,9 +204,12 @@ def _scope(head: dict[str, Any]) -> dict[str, Any]:
 class _Answer:
     """One response written to the client's socket: HTTP/1.1 framing, then a report to the front door."""
 
-    def __init__(self, client: socket.socket, front_door: socket.socket):
+    def __init__(self, client: socket.socket, front_door: socket.socket, progress: Optional[int] = None, continues: bool = False):
         self._client = client
         self._front_door = front_door
+        self._progress = progress  # the pipe where each write is described before it is made
+        self._continues = continues  # the client has this stream's head: write only its events
+        self._failed = False  # a continuation answered with an error: the front door ends the stream
         self._head = b""
         self._chunked = False
         self._streaming = False
@@ -242,6 +264,12 @@ class _Answer:
             if RETRY_ELSEWHERE_HEADER.encode() in names and not self.orphaned:
                 self._declined = True
                 return
+            if self._continues:
+                self._failed = status != 200 or not any(
+                    name.lower() == b"content-type" and value.startswith(b"text/event-stream") for name, value in headers
+                )
+                self._chunked = self._streaming = True
+                return
             self._chunked = b"content-length" not in names
             self._streaming = any(
                 name.lower() == b"content-type" and value.startswith(b"text/event-stream") for name, value in headers
@@ -252,7 +280,7 @@ class _Answer:
                 lines.append(b"transfer-encoding: chunked")
             self._head = b"\r\n".join(lines) + b"\r\n\r\n"
             return
-        if message["type"] != "http.response.body" or self._declined:
+        if message["type"] != "http.response.body" or self._declined or self._failed:
             return
         body = message.get("body", b"")
         more = message.get("more_body", False)
@@ -266,6 +294,8 @@ class _Answer:
         else:
             data += body
         if data:
+            if self._progress is not None:
+                self._describe(len(data), message.get(MARK_KEY) or b"{}", more)
             await asyncio.get_running_loop().sock_sendall(self._client, data)
         if not self._reported_head:
             self._reported_head = True
@@ -274,41 +304,81 @@ class _Answer:
         if not more:
             self._done = True
 
+    def _describe(self, size: int, mark: bytes, more: bool) -> None:
+        """One line on the pipe for the write about to be made: its size, its tokens (migration.py)."""
+        if not more:  # the answer's last write: a client that has it has everything
+            mark = mark[:-1] + (b',"e":1}' if mark != b"{}" else b'"e":1}')
+        line = b"%d %s\n" % (size, mark)
+        try:
+            described = os.write(self._progress, line)
+        except OSError:  # full, or the front door is gone
+            described = -1
+        if described != len(line):
+            self.close_progress()  # the lines now fall short of the bytes: the stream is not continued
+
+    def close_progress(self) -> None:
+        if self._progress is not None:
+            os.close(self._progress)
+            self._progress = None
+
     def finish(self) -> None:
+        if self._declined:
+            report = DECLINED
+        elif self._failed:
+            report = CONTINUATION_FAILED
+        else:
+            report = COMPLETE if self._done else CUT_SHORT
         with contextlib.suppress(OSError):  # an orphaned answer has no one to report to
-            self._front_door.send(DECLINED if self._declined else COMPLETE if self._done else CUT_SHORT)
+            self._front_door.send(report)
 
 
 class HandoffCall:
     """In the front door: one request handed to a replica, and how it ended."""
 
-    def __init__(self, connection: socket.socket):
+    def __init__(self, connection: socket.socket, client: socket.socket, progress: Optional[int], sent_before: Optional[int]):
         self._connection = connection
+        self._client = client
+        self._progress = progress  # the pipe's read end, read only if the answer is cut short
+        self._sent_before = sent_before  # bytes in the client's socket before the replica wrote any
         self.head_sent = False
         self.streaming = False
 
     @classmethod
-    async def start(cls, address: str, client_fd: int, head: dict[str, Any], body: bytes) -> "HandoffCall":
-        """Connect to the replica at ``address`` and give it the client's socket and the request.
+    async def start(
+        cls, address: str, client: socket.socket, head: dict[str, Any], body: bytes, reports_progress: bool = False
+    ) -> "HandoffCall":
+        """Connect to the replica at ``address`` and give it the client's socket and the request
+        (and, with ``reports_progress``, a pipe to describe its writes on).
 
         Raises OSError when no replica listens there (another node, or gone).
         """
         loop = asyncio.get_running_loop()
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         connection.setblocking(False)
+        read_end = write_end = sent_before = None
         try:
             await loop.sock_connect(connection, address)
+            if reports_progress:
+                read_end, write_end = _progress_pipe()
+                sent_before = bytes_sent(client)
             head_bytes = json.dumps(head).encode()
+            fds = [client.fileno()] + ([write_end] if write_end is not None else [])
             # A fresh Unix connection has room for these 8 bytes, so this send does not block.
-            socket.send_fds(connection, [_PREFIX.pack(len(head_bytes), len(body))], [client_fd])
+            socket.send_fds(connection, [_PREFIX.pack(len(head_bytes), len(body))], fds)
             await loop.sock_sendall(connection, head_bytes + body)
         except BaseException:
             connection.close()
+            if read_end is not None:
+                os.close(read_end)
             raise
-        return cls(connection)
+        finally:
+            if write_end is not None:
+                os.close(write_end)  # the replica has its own copy now
+        return cls(connection, client, read_end, sent_before)
 
     async def finished(self) -> bytes:
-        """Wait for the replica's answer to end: COMPLETE, CUT_SHORT or DECLINED (nothing written)."""
+        """Wait for the replica's answer to end: COMPLETE, CUT_SHORT, DECLINED (nothing written)
+        or CONTINUATION_FAILED (nothing written of a continuation)."""
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -319,7 +389,7 @@ class HandoffCall:
                     report = bytes([report])
                     if report in (HEAD_SENT, STREAM_HEAD_SENT):
                         self.head_sent, self.streaming = True, report == STREAM_HEAD_SENT
-                    elif report in (COMPLETE, CUT_SHORT, DECLINED):
+                    elif report in (COMPLETE, CUT_SHORT, DECLINED, CONTINUATION_FAILED):
                         return report
         except OSError:
             return CUT_SHORT
@@ -327,8 +397,49 @@ class HandoffCall:
             # After the cancelled read's clean-up (which runs first): that unregisters the socket.
             loop.call_soon(self._connection.close)
 
+    def delivered(self) -> Optional[Delivered]:
+        """What the client got of the replica's writes, as far as its pipe and the socket tell;
+        None without a pipe. Call it once the answer ended."""
+        if self._progress is None:
+            return None
+        lines = bytearray()
+        with contextlib.suppress(OSError):  # BlockingIOError: all there is
+            while chunk := os.read(self._progress, 65536):
+                lines += chunk
+        sent_now = bytes_sent(self._client)
+        if sent_now is None or self._sent_before is None:
+            return Delivered(exact=False)
+        return Delivered.of(bytes(lines), sent_now - self._sent_before)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            os.close(self._progress)
+            self._progress = None
+
     def abandon(self) -> None:
         """The client left: telling the replica stops the request."""
         with contextlib.suppress(OSError):
             self._connection.send(CLIENT_LEFT)
             self._connection.shutdown(socket.SHUT_RDWR)
+
+
+def _progress_pipe() -> tuple[int, int]:
+    # Non-blocking at both ends: a replica never waits for room to describe a write.
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # past the user's pipe quota: the default 64 KiB
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PROGRESS_PIPE_BYTES)
+    return read_end, write_end
+
+
+def bytes_sent(sock: socket.socket) -> Optional[int]:
+    """Every byte written into this TCP socket so far, by any process: those the peer
+    acknowledged plus those still queued (both the kernel's); None where it cannot tell."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        queued = array.array("i", [0])
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, queued)
+    except OSError:
+        return None
+    if len(info) < _TCP_INFO_BYTES_ACKED + 8:
+        return None
+    return struct.unpack_from("Q", info, _TCP_INFO_BYTES_ACKED)[0] + queued[0]

@@ -41,6 +41,7 @@ from llmserve.errors import (
 )
 from llmserve.front_door import FrontDoor, HttpRequest, Upstream
 from llmserve.logs import log_into_serve_replica_log
+from llmserve.migration import CONTINUES_HEADER, PROGRESS_HEADER, Continued, resumable
 from llmserve.openapi import merged_document
 from llmserve.placement import Admission
 from llmserve.relay import ReplicaRelay, adapter_of, start_http_server
@@ -77,7 +78,11 @@ def _api_endpoint(endpoint: Endpoint, router: ModelRouter):
             return error_response(error, request_id)
         body.setdefault("model", model_id)
         body["request_id"] = request_id
-        return await backend.respond(ApiRequest(endpoint, body, raw_body, request_id, stream, content_type))
+        # Set by a front door that handed this request over with its client's socket (migration.py).
+        reports_progress = PROGRESS_HEADER in request.headers
+        continued = request.headers.get(CONTINUES_HEADER)
+        continues = Continued.from_header(continued) if continued else None
+        return await backend.respond(ApiRequest(endpoint, body, raw_body, request_id, stream, content_type, reports_progress, continues))
 
     return handle
 
@@ -194,22 +199,24 @@ def front_door_route(router: ModelRouter, own_app: tuple[str, int], keys: ApiKey
                 pass  # the ingress's own app answers it, in the OpenAI error format
             else:
                 if isinstance(backend, ReplicaRelay):
-                    return await _to_replica(backend, request, body_request_id, adapter_of(body), may_retry=True)
+                    return await _to_replica(backend, request, body_request_id, adapter_of(body), resumable(endpoint, body))
         return Upstream(*own_app)
 
     return route
 
 
 async def _to_replica(
-    relay: ReplicaRelay, request: HttpRequest, body_request_id: Optional[str], adapter: Optional[str], may_retry: bool
+    relay: ReplicaRelay, request: HttpRequest, body_request_id: Optional[str], adapter: Optional[str], reports_progress: bool
 ) -> Upstream:
+    """A replica for the request, and ``elsewhere``: another one, for a request the first could
+    not serve (the front door bounds how often it asks)."""
     given_id = request.header(REQUEST_ID_HEADER.encode())
     request_id = given_id.decode("latin-1") if given_id else body_request_id or uuid.uuid4().hex
     replica_url, done = await relay.place(adapter)
 
     async def elsewhere() -> Upstream:
         relay.forget(replica_url)
-        return await _to_replica(relay, request, body_request_id, adapter, may_retry=False)
+        return await _to_replica(relay, request, body_request_id, adapter, reports_progress)
 
     def last_words() -> bytes:  # the replica died mid-stream: end the client's stream cleanly
         error = backend_failure(ConnectionError("the replica closed the stream"), request_id)
@@ -218,7 +225,7 @@ async def _to_replica(
 
     host, port = replica_url.removeprefix("http://").rsplit(":", 1)
     extra_headers = [] if given_id else [(REQUEST_ID_HEADER.encode(), request_id.encode())]
-    return Upstream(host, int(port), request_id, extra_headers, done, elsewhere if may_retry else None, last_words, hand_off=True)
+    return Upstream(host, int(port), request_id, extra_headers, done, elsewhere, last_words, hand_off=True, reports_progress=reports_progress)
 
 
 def _drain_budget_s() -> float:

@@ -21,10 +21,13 @@ from starlette.responses import Response, StreamingResponse
 
 from llmserve.engine import Endpoint
 from llmserve.errors import EngineError, LLMServeError
+from llmserve.migration import Continued, Marked, StreamCut
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+# The key of an ASGI body message's progress mark (migration.Marked), for the handoff transport.
+MARK_KEY = "llmserve.mark"
 SSE_DONE = "data: [DONE]\n\n"
 
 
@@ -38,6 +41,10 @@ class ApiRequest:
     request_id: str
     stream: bool
     content_type: str = "application/json"  # what ``raw_body`` is: JSON, or a multipart form
+    # A front door on the replica's node asks for each write's tokens (migration.py) ...
+    reports_progress: bool = False
+    # ... and names the stream this request continues, if it does.
+    continues: Optional[Continued] = None
 
 
 def error_response(error: LLMServeError, request_id: Optional[str] = None) -> Response:
@@ -62,6 +69,8 @@ async def guarded(events: AsyncIterator[Any], request_id: str) -> AsyncIterator[
         async for event in events:
             started = True
             yield event
+    except StreamCut:
+        raise  # the stream goes on elsewhere: nothing more is written here
     except Exception as exc:
         error = backend_failure(exc, request_id)
         yield error.to_sse_event() + SSE_DONE if started else error
@@ -90,4 +99,18 @@ async def streamed_response(events: AsyncIterator[Any], request_id: str) -> Resp
         finally:
             await events.aclose()
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+    return _EventStream(body(), media_type="text/event-stream", headers=headers)
+
+
+class _EventStream(StreamingResponse):
+    """Starlette's streaming response, whose writes may carry a progress mark for the transport
+    (``MARK_KEY`` in the ASGI message; servers ignore keys they do not know)."""
+
+    async def stream_response(self, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for chunk in self.body_iterator:
+            if isinstance(chunk, Marked):
+                await send({"type": "http.response.body", "body": chunk.text.encode(), "more_body": True, MARK_KEY: chunk.mark})
+            else:
+                await send({"type": "http.response.body", "body": chunk.encode() if isinstance(chunk, str) else chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

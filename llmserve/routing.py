@@ -75,7 +75,8 @@ class LocalBackend:
 
     async def respond(self, request: ApiRequest) -> Response:
         if request.stream:
-            events = self._server.generate_stream(request.endpoint, request.body)
+            progress = {"reports_progress": True, "continues": request.continues} if request.reports_progress else {}
+            events = self._server.generate_stream(request.endpoint, request.body, **progress)
             return await streamed_response(guarded(events, request.request_id), request.request_id)
         try:
             result = await self._server.generate(request.endpoint, request.body)

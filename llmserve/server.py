@@ -28,6 +28,7 @@ from llmserve.engine import BinaryOutput, Endpoint, Engine
 from llmserve.errors import BadRequestError, EngineError, LLMServeError, ModelNotFoundError, ReplicaUnavailableError
 from llmserve.adapters import AdapterStore, LoadedAdapters
 from llmserve.logs import log_into_serve_replica_log, reopen_serve_replica_log
+from llmserve.migration import Continued, Marked, StreamCut, StreamMarks
 from llmserve.placement import Admission
 from llmserve.relay import ReplicaDataPlane
 
@@ -161,12 +162,23 @@ class LLMServer:
         except Exception as exc:
             return self._as_client_error(exc, body)
 
-    async def generate_stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[Union[str, LLMServeError]]:
-        """SSE events; a failure before the first event is yielded as the error itself."""
+    async def generate_stream(
+        self, endpoint: Endpoint, body: dict[str, Any], *, reports_progress: bool = False, continues: Optional[Continued] = None
+    ) -> AsyncIterator[Union[str, Marked, LLMServeError]]:
+        """SSE events; a failure before the first event is yielded as the error itself.
+
+        With ``reports_progress`` (a front door on this node asks), each write
+        carries its tokens for the front door, so another replica can continue
+        the stream if this one dies (``migration.py``); ``continues`` names the
+        stream this request continues.
+        """
+        marks = None
+        if reports_progress:
+            marks = StreamMarks.for_request(endpoint, body, continues=continues, context_length=self._engine.continues_streams_of(endpoint))
         async with contextlib.AsyncExitStack() as adapter_held:
             try:
                 await adapter_held.enter_async_context(self._adapter_for(body))
-                output = await self._engine.generate(endpoint, body)
+                output = await self._engine.generate(endpoint, marks.engine_body() if marks else body)
             except Exception as exc:
                 yield self._as_client_error(exc, body)
                 return
@@ -183,7 +195,17 @@ class LLMServer:
                         yield self._unavailable()
                         return
                     first = False
-                    yield event
+                    if marks is None:
+                        yield event
+                        continue
+                    yield marks.mark(event)
+                    if marks.error_tail is not None:
+                        if self._engine.is_dead():
+                            raise StreamCut()  # the front door continues the stream elsewhere
+                        yield marks.error_tail
+                        return
+            except StreamCut:
+                raise
             except Exception as exc:
                 yield self._as_client_error(exc, body).to_sse_event() + "data: [DONE]\n\n"
             finally:

@@ -96,6 +96,8 @@ class FakeEngine:
     def is_dead(self) -> bool:
         return self.dead
 
+    def continues_streams_of(self, endpoint: Endpoint) -> None:
+        return None  # its events carry no token ids
     async def load_adapter(self, model_name: str, local_dir: str) -> None:
         self.adapters[model_name] = local_dir
 

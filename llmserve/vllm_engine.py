@@ -291,6 +291,13 @@ class VLLMEngine:
         # vLLM's client watches its engine core process and flags its death at once.
         return self._engine_client is not None and self._engine_client.errored
 
+    def continues_streams_of(self, endpoint: Endpoint) -> Optional[int]:
+        # A reasoning parser splits a chat's output into fields a continued
+        # completions stream does not have; completions streams are plain text.
+        if endpoint not in ("chat", "completions") or (endpoint == "chat" and self._parses_reasoning):
+            return None
+        return self._engine_client.model_config.max_model_len if self._engine_client else None
+
     def _count_aborts(self) -> None:
         # vLLM aborts a request (in its output processor and engine core) when
         # the generator serving it is closed early: a client that left. The

@@ -4,6 +4,8 @@
 process of the app is killed with SIGKILL, then sorts every answer:
 
 - completed: the whole answer, equal to the same request's answer without a fault;
+  of those, migrated: streams begun by a replica that was gone after the fault (the
+  stream went on at another replica, ``llmserve/migration.py``);
 - failed cleanly: an HTTP error in the OpenAI envelope, or a stream that ends with
   an error event and ``[DONE]``, or a connection refused before anything was sent
   (nothing listened for a moment: the client can retry);
@@ -38,6 +40,8 @@ class Tally:
     fault: str
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     details: list[str] = field(default_factory=list)
+    migrated: int = 0  # completed streams whose first replica died
+    streams_completed: int = 0
     service_back_s: Optional[float] = None  # until a request sent after the kill was answered
     recovered_s: Optional[float] = None  # every replica running again
 
@@ -51,25 +55,30 @@ class Tally:
         return sum(self.counts.values())
 
     def row(self) -> str:
-        cells = [self.fault, str(self.sent)] + [str(self.counts[o]) for o in OUTCOMES]
+        cells = [self.fault, str(self.sent), str(self.counts["completed"]), str(self.migrated)]
+        cells += [str(self.counts[o]) for o in OUTCOMES[1:]]
         cells += [_seconds(self.service_back_s), _seconds(self.recovered_s)]
         return " | ".join(cells)
 
 
 def table(tallies: list[Tally]) -> str:
-    head = "fault | sent | " + " | ".join(OUTCOMES) + " | service back (s) | all replicas back (s)"
-    return "\n".join([head, "|".join(["---"] * (len(OUTCOMES) + 4))] + [t.row() for t in tallies])
+    head = "fault | sent | completed | migrated | " + " | ".join(OUTCOMES[1:]) + " | service back (s) | all replicas back (s)"
+    return "\n".join([head, "|".join(["---"] * (len(OUTCOMES) + 5))] + [t.row() for t in tallies])
 
 
 def _seconds(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def stream(base_url: str, body: dict) -> tuple[str, str]:
-    """One streamed completion: (outcome, the text or what went wrong)."""
+def stream(base_url: str, body: dict, seen: Optional[dict] = None) -> tuple[str, str]:
+    """One streamed completion: (outcome, the text or what went wrong). ``seen`` gets the
+    replica that began it, the stream's ids and its usage (with ``include_usage``)."""
     text, saw_error = [], False
+    seen = {} if seen is None else seen
+    seen["ids"] = set()
     try:
         with requests.post(base_url + "/v1/completions", json={**body, "stream": True}, stream=True, timeout=CLIENT_TIMEOUT_S) as response:
+            seen["replica"] = response.headers.get("x-llmserve-replica")
             if response.status_code != 200:
                 return _http_error(response)
             for line in response.iter_lines():
@@ -83,6 +92,8 @@ def stream(base_url: str, body: dict) -> tuple[str, str]:
                     saw_error = True
                 else:
                     text.extend(choice.get("text", "") for choice in event.get("choices", []))
+                    seen["ids"].add(event.get("id"))
+                    seen["usage"] = event.get("usage") or seen.get("usage")
         return "broken", f"stream cut after {len(text)} pieces without an error event"
     except requests.ConnectionError as exc:
         return _connection_error(exc, bool(text))
@@ -139,6 +150,11 @@ print(json.dumps({name: ray.get(ray.get_actor(name, namespace="serve").get_num_o
 """
 
 
+def live_replicas() -> set[str]:
+    """The names of the app's model replicas now (as answers name them in x-llmserve-replica)."""
+    return {name.split("#", 1)[1] for name in ongoing_requests()}
+
+
 def ongoing_requests() -> dict[str, int]:
     """What Serve counts as ongoing on each model replica of the running app (its leases)."""
     import subprocess
@@ -164,8 +180,10 @@ def under_fault(
     probe_body: Optional[dict] = None,
     probe_expected: Optional[str] = None,
     recovery_timeout_s: float = 300.0,
+    expected_usage: Optional[dict] = None,
 ) -> Tally:
-    """Kill something while ``streams`` streams of ``body`` run and short requests keep coming."""
+    """Kill something while ``streams`` streams of ``body`` run and short requests keep coming;
+    each stream must end with ``expected`` text and ``expected_usage``, under one id."""
     tally = Tally(fault)
     lock = threading.Lock()
     killed_at: list[float] = []
@@ -177,8 +195,17 @@ def under_fault(
         with lock:
             tally.add(outcome, f"{kind}: {text}")
 
+    completed_on: list[str] = []
+
     def one_stream(_):
-        judge(*stream(base_url, body), expected, "stream")
+        seen: dict = {}
+        outcome, text = stream(base_url, body, seen)
+        if outcome == "completed" and text == expected and (seen.get("usage") != expected_usage or len(seen["ids"]) != 1):
+            outcome, text = "broken", f"usage {seen.get('usage')} (not {expected_usage}) or ids {seen['ids']}"
+        judge(outcome, text, expected, "stream")
+        if outcome == "completed" and text == expected:
+            with lock:
+                completed_on.append(seen["replica"])
 
     def probe():
         while not stop_probing.is_set():
@@ -206,6 +233,10 @@ def under_fault(
             time.sleep(0.5)
         stop_probing.set()
         prober.result()
+    tally.streams_completed = len(completed_on)
+    if tally.recovered_s is not None:
+        alive = live_replicas()
+        tally.migrated = sum(1 for replica in completed_on if replica not in alive)
     return tally
 
 

@@ -498,7 +498,7 @@ def test_a_handed_off_stream_outlives_its_front_door_and_then_closes_the_connect
         reader, writer = await asyncio.open_connection("127.0.0.1", server.getsockname()[1])
         accepted, _ = server.accept()
         head = {"method": "POST", "path": "/v1/completions", "headers": [["content-length", "2"]]}
-        call = await HandoffCall.start(address_for("127.0.0.1", 9), accepted.fileno(), head, b"{}")
+        call = await HandoffCall.start(address_for("127.0.0.1", 9), accepted, head, b"{}")
         await asyncio.sleep(0.05)  # a few events in: then the front door dies (no CLIENT_LEFT)
         accepted.close()
         call._connection.close()
@@ -595,3 +595,45 @@ def test_the_front_door_answers_requests_without_a_valid_key_with_401():
         assert health.status_code == 200
 
     asyncio.run(go())
+
+
+def test_a_handed_off_stream_describes_each_write_and_the_socket_says_which_went_out():
+    """The pipe's lines and the client socket's byte count tell exactly which tokens a client
+    has, also of a stream its replica stops (migration.py); the lines never reach the client."""
+    from llmserve.handoff import COMPLETE, CUT_SHORT
+    from llmserve.migration import Marked, StreamCut
+    from llmserve.responses import streamed_response
+
+    async def go(cut_after):
+        async def events():
+            for index in range(6):
+                if index == cut_after:
+                    raise StreamCut()
+                yield Marked(f"data: {index}\n\n", json.dumps({"t": [100 + index]}).encode())
+
+        async def app(scope, receive, send):
+            await (await streamed_response(events(), "r"))(scope, receive, send)
+
+        listener = HandoffListener(app, address_for("127.0.0.1", 10))
+        server = socket.create_server(("127.0.0.1", 0))
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.getsockname()[1])
+        accepted, _ = server.accept()
+        accepted.sendall(b"earlier bytes")  # the front door's own, before the handoff: not counted
+        await reader.readexactly(13)
+        head = {"method": "POST", "path": "/v1/completions", "headers": [["content-length", "2"]]}
+        call = await HandoffCall.start(address_for("127.0.0.1", 10), accepted, head, b"{}", reports_progress=True)
+        outcome = await call.finished()
+        delivered = call.delivered()
+        call.close()
+        writer.close()
+        accepted.close()
+        listener.close()
+        server.close()
+        return outcome, delivered
+
+    outcome, delivered = asyncio.run(go(cut_after=None))
+    assert outcome == COMPLETE and delivered.exact and delivered.ended
+    assert delivered.tokens == [100, 101, 102, 103, 104, 105]
+    outcome, delivered = asyncio.run(go(cut_after=3))
+    assert outcome == CUT_SHORT and delivered.exact and not delivered.ended
+    assert delivered.tokens == [100, 101, 102]
