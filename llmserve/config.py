@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 
 logger = logging.getLogger(__name__)
@@ -163,6 +163,11 @@ class DeploymentConfig(_Strict):
     )
     backpressure_config: Optional[BackpressureConfig] = Field(
         default=None, description="The answer past max_queued_requests: a 429 with Retry-After: 1 unless set."
+    )
+    max_stream_migrations: Optional[NonNegativeInt] = Field(
+        default=None,
+        description="Times a stream whose replica or engine dies may go on at another replica under `llmserve run` "
+        "(default 1; 0: such a stream ends with an error event).",
     )
     user_config: Optional[Any] = Field(default=None, description="Passed to Serve unchanged.")
     health_check_period_s: Optional[float] = Field(default=None, description="Seconds between health checks.")

@@ -45,7 +45,7 @@ from llmserve.errors import (
     ServiceUnavailableError,
 )
 from llmserve.handoff import COMPLETE, CONTINUATION_FAILED, CUT_SHORT, DECLINED, HandoffCall, address_for
-from llmserve.migration import CONTINUES_HEADER, MAX_MIGRATIONS, PROGRESS_HEADER, Resume
+from llmserve.migration import PROGRESS_HEADER, Resume
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,9 @@ class Upstream:
     last_words: Callable[[], bytes] = lambda: b""
     # A model replica: on this node it writes its answer to the client itself (handoff.py).
     hand_off: bool = False
-    # A stream another replica can continue if this one dies: the replica reports its writes (migration.py).
-    reports_progress: bool = False
+    # Times a stream may go on at another replica if its replica dies (migration.py); with
+    # any, the replica reports its writes.
+    migrations: int = 0
 
 
 Route = Callable[[HttpRequest], Awaitable[Upstream]]
@@ -392,11 +393,10 @@ class _ClientConnection(asyncio.Protocol):
     async def _continue_stream(self, request: HttpRequest, upstream: Upstream, resume: Resume) -> bool:
         """The rest of a stream whose replica died, from other replicas (migration.py): whether
         the connection stays open. The client has the head: failures end it with an error event."""
-        tries = 0
+        declined = 0
         while not self._closed:
-            tries += 1
             try:
-                if upstream.elsewhere is None or tries > MAX_MIGRATIONS + 1:
+                if upstream.elsewhere is None or declined > MAX_DECLINES:
                     raise ServiceUnavailableError("no replica is left to continue the stream")
                 upstream = await upstream.elsewhere()
                 continuation = HttpRequest(
@@ -417,7 +417,9 @@ class _ClientConnection(asyncio.Protocol):
             outcome = await self._handed_off(continuation, upstream, handoff, resume)
             if isinstance(outcome, Resume):
                 resume = outcome
-            elif outcome is not _DECLINED:
+            elif outcome is _DECLINED:
+                declined += 1
+            else:
                 return outcome
         return False
 
@@ -429,14 +431,14 @@ class _ClientConnection(asyncio.Protocol):
         if self._transport.get_write_buffer_size():  # our bytes must reach the client before the replica's
             return None
         headers = _handoff_headers(request, upstream)
-        if upstream.reports_progress:
+        if upstream.migrations:
             headers.append((PROGRESS_HEADER, "1"))
         head = {"method": request.method.decode("latin-1"), "path": request.path.decode("latin-1"), "headers": headers}
         if continues:
             head["continues"] = True  # the client has this stream's head: the replica writes only events
         try:
             return await HandoffCall.start(
-                address_for(upstream.host, upstream.port), sock, head, request.body, reports_progress=upstream.reports_progress
+                address_for(upstream.host, upstream.port), sock, head, request.body, reports_progress=bool(upstream.migrations)
             )
         except OSError:
             return None  # on another node (or gone, which the TCP connect finds out)
@@ -461,7 +463,7 @@ class _ClientConnection(asyncio.Protocol):
         if outcome == COMPLETE or (delivered is not None and delivered.exact and delivered.ended):
             return request.keep_alive
         if delivered is not None:
-            resumed = Resume.after_cut(delivered, resume)
+            resumed = Resume.after_cut(delivered, resume, upstream.migrations)
             if resumed is not None:
                 return resumed
         # The replica writes whole chunks, so a stream it left is at a chunk boundary.

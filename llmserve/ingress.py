@@ -41,7 +41,7 @@ from llmserve.errors import (
 )
 from llmserve.front_door import FrontDoor, HttpRequest, Upstream
 from llmserve.logs import log_into_serve_replica_log
-from llmserve.migration import CONTINUES_HEADER, PROGRESS_HEADER, Continued, resumable
+from llmserve.migration import CONTINUES_HEADER, DEFAULT_MAX_MIGRATIONS, PROGRESS_HEADER, Continued, resumable
 from llmserve.openapi import merged_document
 from llmserve.placement import Admission
 from llmserve.relay import ReplicaRelay, adapter_of, start_http_server
@@ -199,14 +199,15 @@ def front_door_route(router: ModelRouter, own_app: tuple[str, int], keys: ApiKey
                 pass  # the ingress's own app answers it, in the OpenAI error format
             else:
                 if isinstance(backend, ReplicaRelay):
-                    return await _to_replica(backend, request, body_request_id, adapter_of(body), resumable(endpoint, body))
+                    migrations = backend.stream_migrations if resumable(endpoint, body) else 0
+                    return await _to_replica(backend, request, body_request_id, adapter_of(body), migrations)
         return Upstream(*own_app)
 
     return route
 
 
 async def _to_replica(
-    relay: ReplicaRelay, request: HttpRequest, body_request_id: Optional[str], adapter: Optional[str], reports_progress: bool
+    relay: ReplicaRelay, request: HttpRequest, body_request_id: Optional[str], adapter: Optional[str], migrations: int
 ) -> Upstream:
     """A replica for the request, and ``elsewhere``: another one, for a request the first could
     not serve (the front door bounds how often it asks)."""
@@ -216,7 +217,7 @@ async def _to_replica(
 
     async def elsewhere() -> Upstream:
         relay.forget(replica_url)
-        return await _to_replica(relay, request, body_request_id, adapter, reports_progress)
+        return await _to_replica(relay, request, body_request_id, adapter, migrations)
 
     def last_words() -> bytes:  # the replica died mid-stream: end the client's stream cleanly
         error = backend_failure(ConnectionError("the replica closed the stream"), request_id)
@@ -225,7 +226,16 @@ async def _to_replica(
 
     host, port = replica_url.removeprefix("http://").rsplit(":", 1)
     extra_headers = [] if given_id else [(REQUEST_ID_HEADER.encode(), request_id.encode())]
-    return Upstream(host, int(port), request_id, extra_headers, done, elsewhere, last_words, hand_off=True, reports_progress=reports_progress)
+    return Upstream(host, int(port), request_id, extra_headers, done, elsewhere, last_words, hand_off=True, migrations=migrations)
+
+
+def _relay_for(config: Any, handle: Any) -> ReplicaRelay:
+    migrations = config.deployment_config.max_stream_migrations
+    relay = ReplicaRelay(handle, Admission.of(config), DEFAULT_MAX_MIGRATIONS if migrations is None else migrations)
+    autoscaling = config.deployment_config.autoscaling_config or {}
+    if autoscaling.get("min_replicas", 1) > 0:  # (a lease would wake a deployment scaled to zero)
+        relay.learn_a_replica()
+    return relay
 
 
 def _drain_budget_s() -> float:
@@ -263,9 +273,8 @@ class OpenAiIngress:
         log_into_serve_replica_log()
         self._keys = ApiKeys.configured(api_keys or ())
         configs = await asyncio.gather(*(handle.llm_config.remote() for handle in llm_deployments))
-        self._router = ModelRouter(
-            {config.model_id: ReplicaRelay(handle, Admission.of(config)) for config, handle in zip(configs, llm_deployments)}
-        )
+        relays = {config.model_id: _relay_for(config, handle) for config, handle in zip(configs, llm_deployments)}
+        self._router = ModelRouter(relays)
         self._door: Optional[FrontDoor] = None
         if front_door:
             self._door = await open_front_door(self._router, front_door["host"], int(front_door["port"]), self._keys)

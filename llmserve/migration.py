@@ -22,7 +22,8 @@ death of the replica writing it, or of that replica's engine:
    tokens still due (``CONTINUES_HEADER``). That replica writes the rest of
    the stream to the same socket: no new head, and events in the first
    stream's shape (its id, creation time and object; usage counted from the
-   first prompt). A stream migrates at most ``MAX_MIGRATIONS`` times.
+   first prompt). A stream migrates at most ``max_stream_migrations`` times
+   (a deployment option; 1 unless set).
 
 For greedy decoding the client's text and usage equal a run without the
 fault: the resubmitted prompt is the same token ids, not re-tokenized text.
@@ -35,7 +36,7 @@ Example::
 
     marks = StreamMarks.for_request("completions", body, continues=None, context_length=512)  # replica
     marked = marks.mark(events_text)  # text for the client, a line for the pipe
-    resume = Resume.after_cut(Delivered.of(pipe_lines, bytes_written), resume)  # front door
+    resume = Resume.after_cut(Delivered.of(pipe_lines, bytes_written), resume, limit=1)  # front door
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ from typing import Any, Optional
 PROGRESS_HEADER = "x-llmserve-progress"
 # Front door to replica: this request continues a stream another replica began (JSON: ``Continued``).
 CONTINUES_HEADER = "x-llmserve-continues"
-# A stream is continued on another replica at most this many times.
-MAX_MIGRATIONS = 2
+# A stream is continued on another replica at most this many times unless its deployment
+# says otherwise (``max_stream_migrations``): a request that kills every engine it runs on
+# should not take more than two replicas with it.
+DEFAULT_MAX_MIGRATIONS = 1
 # vLLM's completions default when a request names no max_tokens.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
@@ -238,15 +241,16 @@ class Resume:
     migrations: int = 0
 
     @classmethod
-    def after_cut(cls, delivered: "Delivered", resume: Optional["Resume"]) -> Optional["Resume"]:
+    def after_cut(cls, delivered: "Delivered", resume: Optional["Resume"], limit: int) -> Optional["Resume"]:
         """The stream to continue after a replica's writes stopped short; None when the
-        client's part is not known exactly, or nothing is left to generate.
+        client's part is not known exactly, nothing is left to generate, or the stream
+        moved ``limit`` times already.
 
         ``resume`` is what an earlier replica of this stream left (None for the first one).
         """
         if resume is None and delivered.first is not None:
             resume = cls(delivered.first["r"], delivered.first["p"], delivered.first["s"])
-        if not delivered.exact or resume is None or delivered.finished or resume.migrations >= MAX_MIGRATIONS:
+        if not delivered.exact or resume is None or delivered.finished or resume.migrations >= limit:
             return None
         resumed = replace(resume, generated=resume.generated + delivered.tokens, migrations=resume.migrations + 1)
         return resumed if resumed.tokens_left() > 0 else None

@@ -52,6 +52,7 @@ def serve_options(config: "LLMConfig", *, name_prefix: str) -> dict[str, Any]:
     # out requests it is offering to a replica, so in a burst it admits more or
     # fewer than the bound. Serve's own queue stays unbounded behind it.
     options.pop("max_queued_requests", None)
+    options.pop("max_stream_migrations", None)  # the front door's to apply (migration.py)
     actor_options = dict(options.get("ray_actor_options") or {})
     if config.runtime_env:
         actor_options["runtime_env"] = {**config.runtime_env, **actor_options.get("runtime_env", {})}

@@ -47,6 +47,7 @@ from starlette.responses import Response, StreamingResponse
 from llmserve.engine import ENDPOINT_PATHS
 from llmserve.errors import RETRY_ELSEWHERE_HEADER, ReplicaUnavailableError, ServiceUnavailableError, TooManyRequestsError
 from llmserve.handoff import HandoffListener, address_for
+from llmserve.migration import DEFAULT_MAX_MIGRATIONS
 from llmserve.placement import Admission
 from llmserve.responses import REQUEST_ID_HEADER, SSE_DONE, ApiRequest, backend_failure, error_response
 
@@ -87,8 +88,9 @@ _ANSWER_HEADERS = {"metadata"}
 class ReplicaRelay:
     """The ingress's backend for one model: hold a lease on a replica, relay its bytes there."""
 
-    def __init__(self, handle: Any, admission: Admission = Admission()):
+    def __init__(self, handle: Any, admission: Admission = Admission(), stream_migrations: int = DEFAULT_MAX_MIGRATIONS):
         self._handle = handle
+        self.stream_migrations = stream_migrations  # times a stream may go on at another replica (migration.py)
         self._lease_handle = handle.options(stream=True)
         self._admission = admission  # as the config says; each replica's lease then says it too
         self._session: Any = None  # made on first use, inside the serving event loop
@@ -116,6 +118,11 @@ class ReplicaRelay:
         if adapter is not None:
             self._holders.setdefault(adapter, {})[replica_url] = None
         return replica_url, _once(lambda: self._release(lease))
+
+    def learn_a_replica(self) -> None:
+        """Open a lease now, in the background: a first burst of requests is then admitted by
+        a replica's real free places, not counted as waiting while no replica is known."""
+        _in_background(self._spare_lease())
 
     def forget(self, replica_url: str) -> None:
         """That replica refused a connection (scaled down, restarted): stop placing requests on it."""

@@ -148,3 +148,13 @@ def test_an_explicit_runner_wins_over_task_and_a_bad_task_is_named():
     assert config(engine_kwargs={"task": "embed", "runner": "generate"}).engine_kwargs == {"runner": "generate"}
     with pytest.raises(ValidationError, match="engine_kwargs.task 'embedz'"):
         config(engine_kwargs={"task": "embedz"})
+
+
+def test_stream_migrations_are_the_ingress_s_to_bound_and_not_passed_to_serve(monkeypatch):
+    monkeypatch.setattr("llmserve.placement.gpus_present", lambda: False)
+    assert config().deployment_config.max_stream_migrations is None  # the default: 1
+    bounded = config(deployment_config={"max_stream_migrations": 0})
+    assert bounded.deployment_config.max_stream_migrations == 0
+    assert "max_stream_migrations" not in bounded.get_serve_options(name_prefix="vLLM:")
+    with pytest.raises(ValidationError):
+        config(deployment_config={"max_stream_migrations": -1})

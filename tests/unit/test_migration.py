@@ -6,7 +6,7 @@ The events are vLLM 0.32's own, as a tiny model streamed them with and without
 
 import json
 
-from llmserve.migration import MAX_MIGRATIONS, Continued, Delivered, Resume, StreamMarks, resumable
+from llmserve.migration import Continued, Delivered, Resume, StreamMarks, resumable
 
 COMPLETION_EVENTS = [
     'data: {"id":"cmpl-1","object":"text_completion","created":17,"model":"tiny","choices":[{"index":0,"text":" a","logprobs":null,'
@@ -100,7 +100,7 @@ def test_the_bytes_that_went_out_say_which_tokens_the_client_has():
 def test_the_continuation_resubmits_the_prompt_and_the_tokens_sent_for_the_tokens_left():
     body = {**BODY, "max_tokens": 10, "min_tokens": 4, "stream_options": {"include_usage": True}}
     marked = marked_events(COMPLETION_EVENTS[:2], body)
-    resume = Resume.after_cut(Delivered.of(lines_for(marked, [300, 120]), 420), None)
+    resume = Resume.after_cut(Delivered.of(lines_for(marked, [300, 120]), 420), None, limit=1)
     request = json.loads(resume.body())
     assert request["prompt"] == [272, 81, 84, 1698, 780]
     assert request["max_tokens"] == 8 and request["min_tokens"] == 2
@@ -109,17 +109,20 @@ def test_the_continuation_resubmits_the_prompt_and_the_tokens_sent_for_the_token
     assert Continued.from_header(resume.continued().header()) == resume.continued()
 
 
-def test_a_stream_is_continued_at_most_max_migrations_times_and_never_past_its_end():
+def test_a_stream_is_continued_at_most_limit_times_and_never_past_its_end():
     body = {**BODY, "max_tokens": 10}
     marked = marked_events(COMPLETION_EVENTS[:2], body)
     delivered = Delivered.of(lines_for(marked, [300, 120]), 420)
     resume = None
-    for _ in range(MAX_MIGRATIONS):
-        resume = Resume.after_cut(delivered if resume is None else Delivered(exact=True), resume)
+    for _ in range(3):
+        resume = Resume.after_cut(delivered if resume is None else Delivered(exact=True), resume, limit=3)
         assert resume is not None
-    assert Resume.after_cut(Delivered(exact=True), resume) is None
+    assert Resume.after_cut(Delivered(exact=True), resume, limit=3) is None
     finished = marked_events(COMPLETION_EVENTS[:3], body)
-    assert Resume.after_cut(Delivered.of(lines_for(finished, [300, 120, 120]), 540), None) is None
+    assert Resume.after_cut(Delivered.of(lines_for(finished, [300, 120, 120]), 540), None, limit=3) is None
+    # Every token due went out (the finish chunk did not): nothing is left to continue.
+    full = marked_events(COMPLETION_EVENTS[:2], {**BODY, "max_tokens": 2})
+    assert Resume.after_cut(Delivered.of(lines_for(full, [300, 120]), 420), None, limit=3) is None
 
 
 def test_a_continuation_speaks_as_the_first_stream_with_usage_counted_from_its_prompt():
@@ -153,3 +156,11 @@ def test_a_chat_stream_without_max_tokens_may_fill_the_context():
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     event = COMPLETION_EVENTS[0].replace('"object":"text_completion"', '"object":"chat.completion.chunk"')
     assert json.loads(marks_for(chat, "chat").mark(event).mark)["r"]["max_tokens"] == 512 - 3
+
+
+def test_the_deployment_s_bound_on_migrations_holds():
+    body = {**BODY, "max_tokens": 10}
+    delivered = Delivered.of(lines_for(marked_events(COMPLETION_EVENTS[:2], body), [300, 120]), 420)
+    assert Resume.after_cut(delivered, None, limit=0) is None
+    once = Resume.after_cut(delivered, None, limit=1)
+    assert once is not None and Resume.after_cut(Delivered(exact=True), once, limit=1) is None

@@ -184,3 +184,17 @@ def test_no_reachable_replica_is_a_500_naming_the_request_and_ends_the_lease():
             assert relayed.handle.leases[0].cancelled
 
     asyncio.run(go())
+
+
+def test_an_ingress_that_learned_a_replica_at_start_admits_a_first_burst_by_its_free_places():
+    """Cold start: without a replica known, every request of a burst would count as waiting."""
+
+    async def go():
+        async with Relayed(max_ongoing_requests=2, max_queued_requests=1) as relayed, client(relayed.app) as http:
+            relayed.relay.learn_a_replica()
+            assert await settle(lambda: relayed.relay._in_flight)
+            body = {"model": "alpha", "prompt": "slow a b c d e f g h", "stream": True}
+            answers = await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(4)))
+            assert sorted(answer.status_code for answer in answers) == [200, 200, 200, 429]
+
+    asyncio.run(go())
