@@ -71,13 +71,15 @@ def _seconds(value: Optional[float]) -> str:
 
 
 def stream(base_url: str, body: dict, seen: Optional[dict] = None) -> tuple[str, str]:
-    """One streamed completion: (outcome, the text or what went wrong). ``seen`` gets the
-    replica that began it, the stream's ids and its usage (with ``include_usage``)."""
+    """One streamed completion, or chat completion for a body with `messages`: (outcome,
+    the text or what went wrong). ``seen`` gets the replica that began it, the stream's ids
+    and its usage (with ``include_usage``)."""
     text, saw_error = [], False
     seen = {} if seen is None else seen
     seen["ids"] = set()
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     try:
-        with requests.post(base_url + "/v1/completions", json={**body, "stream": True}, stream=True, timeout=CLIENT_TIMEOUT_S) as response:
+        with requests.post(base_url + path, json={**body, "stream": True}, stream=True, timeout=CLIENT_TIMEOUT_S) as response:
             seen["replica"] = response.headers.get("x-llmserve-replica")
             if response.status_code != 200:
                 return _http_error(response)
@@ -91,7 +93,8 @@ def stream(base_url: str, body: dict, seen: Optional[dict] = None) -> tuple[str,
                 if "error" in event:
                     saw_error = True
                 else:
-                    text.extend(choice.get("text", "") for choice in event.get("choices", []))
+                    for choice in event.get("choices", []):
+                        text.append(choice["text"] if "text" in choice else choice["delta"].get("content") or "")
                     seen["ids"].add(event.get("id"))
                     seen["usage"] = event.get("usage") or seen.get("usage")
         return "broken", f"stream cut after {len(text)} pieces without an error event"
@@ -103,7 +106,7 @@ def stream(base_url: str, body: dict, seen: Optional[dict] = None) -> tuple[str,
         return "broken", f"stream cut mid-chunk after {len(text)} pieces"
 
 
-def whole(base_url: str, body: dict) -> tuple[str, str]:
+def whole(base_url: str, body: dict) -> tuple[str, str]:  # (completions only)
     """One whole completion: (outcome, the text or what went wrong)."""
     try:
         response = requests.post(base_url + "/v1/completions", json=body, timeout=CLIENT_TIMEOUT_S)
@@ -169,21 +172,35 @@ def kill(process: psutil.Process) -> None:
     process.send_signal(signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class Expected:
+    """One kind of stream under fault, and its answer without one."""
+
+    body: dict
+    text: str
+    usage: Optional[dict]
+
+
+def expected(base_url: str, body: dict) -> Expected:
+    """The stream's answer without a fault."""
+    seen: dict = {}
+    outcome, text = stream(base_url, body, seen)
+    assert outcome == "completed", text
+    return Expected(body, text, seen.get("usage"))
+
+
 def under_fault(
     fault: str,
     base_url: str,
-    body: dict,
-    expected: str,
+    kinds: list[Expected],
     inject: Callable[[], None],
     recovered: Callable[[], bool],
+    probe: Expected,
     streams: int = 16,
-    probe_body: Optional[dict] = None,
-    probe_expected: Optional[str] = None,
     recovery_timeout_s: float = 300.0,
-    expected_usage: Optional[dict] = None,
 ) -> Tally:
-    """Kill something while ``streams`` streams of ``body`` run and short requests keep coming;
-    each stream must end with ``expected`` text and ``expected_usage``, under one id."""
+    """Kill something while ``streams`` streams (of ``kinds``, in turn) run and ``probe``
+    requests keep coming; each stream must end with its kind's text and usage, under one id."""
     tally = Tally(fault)
     lock = threading.Lock()
     killed_at: list[float] = []
@@ -197,28 +214,29 @@ def under_fault(
 
     completed_on: list[str] = []
 
-    def one_stream(_):
+    def one_stream(index):
+        kind = kinds[index % len(kinds)]
         seen: dict = {}
-        outcome, text = stream(base_url, body, seen)
-        if outcome == "completed" and text == expected and (seen.get("usage") != expected_usage or len(seen["ids"]) != 1):
-            outcome, text = "broken", f"usage {seen.get('usage')} (not {expected_usage}) or ids {seen['ids']}"
-        judge(outcome, text, expected, "stream")
-        if outcome == "completed" and text == expected:
+        outcome, text = stream(base_url, kind.body, seen)
+        if outcome == "completed" and text == kind.text and (seen.get("usage") != kind.usage or len(seen["ids"]) != 1):
+            outcome, text = "broken", f"usage {seen.get('usage')} (not {kind.usage}) or ids {seen['ids']}"
+        judge(outcome, text, kind.text, "stream")
+        if outcome == "completed" and text == kind.text:
             with lock:
                 completed_on.append(seen["replica"])
 
-    def probe():
+    def probing():
         while not stop_probing.is_set():
             sent_after_kill = bool(killed_at)
-            outcome, text = whole(base_url, probe_body or body)
+            outcome, text = whole(base_url, probe.body)
             if sent_after_kill and outcome == "completed" and tally.service_back_s is None:
                 tally.service_back_s = time.monotonic() - killed_at[0]
-            judge(outcome, text, probe_expected if probe_body else expected, "request")
+            judge(outcome, text, probe.text, "request")
             time.sleep(0.25)
 
     with ThreadPoolExecutor(streams + 1) as pool:
         running = [pool.submit(one_stream, i) for i in range(streams)]
-        prober = pool.submit(probe)
+        prober = pool.submit(probing)
         time.sleep(1.5)  # every stream is under way
         killed_at.append(time.monotonic())
         inject()

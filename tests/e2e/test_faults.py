@@ -30,6 +30,12 @@ STREAM = {
     "model": MODEL, "prompt": "Once upon a time", "max_tokens": 160, "min_tokens": 160, "temperature": 0,
     "stream_options": {"include_usage": True},
 }  # fmt: skip
+# A chat stream too: continued as completions of its prompt's token ids, shaped as chat chunks.
+# (Its prompt is one whose greedy text the tiny model keeps under any batching.)
+CHAT_STREAM = {
+    "model": MODEL, "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 120, "min_tokens": 120,
+    "temperature": 0, "stream_options": {"include_usage": True},
+}  # fmt: skip
 PROBE = {"model": MODEL, "prompt": "The weather", "max_tokens": 8, "temperature": 0}
 # Streams and probes the app must never leave hanging, whatever is killed.
 TALLIES: list[chaos.Tally] = []
@@ -86,10 +92,8 @@ def app(tiny_model_paths, s3, tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(app):
     """The answers without a fault."""
-    seen: dict = {}
     return {
-        "stream": chaos.stream(app["url"], STREAM, seen)[1],
-        "usage": seen["usage"],
+        "streams": [chaos.expected(app["url"], STREAM), chaos.expected(app["url"], CHAT_STREAM)],
         "probe": chaos.whole(app["url"], PROBE)[1],
         "small": chaos.whole(app["url"], {**PROBE, "model": f"{MODEL}:small"})[1],
         "other": chaos.whole(app["url"], {**PROBE, "model": f"{MODEL}:other"})[1],
@@ -132,13 +136,10 @@ def run_fault(app, expected, fault, title, healthy_line=None):
     tally = chaos.under_fault(
         fault,
         app["url"],
-        STREAM,
-        expected["stream"],
+        expected["streams"],
         inject=lambda: chaos.kill(victim),
         recovered=chaos.status_line_after(app["log"], offset, healthy_line) if healthy_line else replaced,
-        probe_body=PROBE,
-        probe_expected=expected["probe"],
-        expected_usage=expected["usage"],
+        probe=chaos.Expected(PROBE, expected["probe"], None),
     )
     TALLIES.append(tally)
     print(f"\n{fault}: {tally.counts}, migrated {tally.migrated}, service back {tally.service_back_s}, recovered {tally.recovered_s}, {tally.details[:5]}")
@@ -232,5 +233,6 @@ def _has_open_file_under(process, folder) -> bool:
 
 def test_the_app_serves_normally_after_every_fault(app, expected):
     assert chaos.whole(app["url"], PROBE) == ("completed", expected["probe"])
-    assert chaos.stream(app["url"], STREAM) == ("completed", expected["stream"])
+    for kind in expected["streams"]:
+        assert chaos.stream(app["url"], kind.body) == ("completed", kind.text)
     assert requests.get(app["url"] + "/health", timeout=10).status_code == 200
