@@ -153,6 +153,10 @@ class ServiceUnavailableError(LLMServeError):
 
 # Marks a replica's answer that the ingress should not pass on but send elsewhere.
 RETRY_ELSEWHERE_HEADER = "x-llmserve-retry-elsewhere"
+# A request that replicas decline before answering anything (their engines died, or they
+# are gone) is offered to this many others, on every path: so a request that kills the
+# engines it meets does not kill them all.
+MAX_DECLINES = 1
 
 
 class ReplicaUnavailableError(ServiceUnavailableError):

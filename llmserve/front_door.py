@@ -36,6 +36,7 @@ from typing import Any, Awaitable, Callable, Optional
 import httptools
 
 from llmserve.errors import (
+    MAX_DECLINES,
     RETRY_ELSEWHERE_HEADER,
     BadRequestError,
     HeaderFieldsTooLargeError,
@@ -45,7 +46,7 @@ from llmserve.errors import (
     ServiceUnavailableError,
 )
 from llmserve.handoff import COMPLETE, CONTINUATION_FAILED, CUT_SHORT, DECLINED, HandoffCall, address_for
-from llmserve.migration import PROGRESS_HEADER, Resume
+from llmserve.migration import PROGRESS_HEADER, Delivered, Resume
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,6 @@ BODY_STALL_S = 30.0
 IDLE_TIMEOUT_S = 75.0
 # Hop-by-hop headers: they describe one connection, not the request.
 _HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"expect", b"host"}
-# A request that replicas decline before writing anything (their engines died) is
-# offered to this many others, so a request that kills engines does not kill them all.
-MAX_DECLINES = 1
 # Headers between the front door and replicas (migration.py): never taken from a client.
 _INTERNAL_HEADER_PREFIX = b"x-llmserve-"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -116,6 +114,17 @@ class Upstream:
 
 
 Route = Callable[[HttpRequest], Awaitable[Upstream]]
+
+
+@dataclass
+class _Ending:
+    """How one replica's answer ended, whichever way its bytes went (handoff or splice)."""
+
+    declined: bool = False  # nothing reached the client: another replica may serve the request
+    complete: bool = False  # the whole answer reached the client
+    streaming: bool = False  # an SSE stream had begun
+    at_chunk_boundary: bool = True  # ... and stopped between two chunks: an error event can end it
+    delivered: Optional[Delivered] = None  # what the client has, where the replica described its writes
 # A replica's answer to "serve this": not mine, ask the next place (nothing was written).
 _DECLINED = object()
 
@@ -361,22 +370,14 @@ class _ClientConnection(asyncio.Protocol):
         """One request's answer to the client; whether the connection stays open.
 
         A replica that declines the request before writing anything (its
-        engine died) is left for the next place the route offers; a stream
-        whose replica died goes on at another (``_continue_stream``).
+        engine died, or it is gone) leaves it for the next place the route
+        offers; a stream whose replica died goes on at another (``_continue_stream``).
         """
         upstream: Optional[Upstream] = None
         declined = 0
         try:
             upstream = await self._route(request)
-            while True:
-                handoff = await self._hand_off(request, upstream)
-                if handoff is not None:
-                    outcome = await self._handed_off(request, upstream, handoff)
-                else:
-                    upstream, connection = await self._connect(upstream)
-                    outcome = await self._spliced(request, upstream, connection)
-                if outcome is not _DECLINED:
-                    break
+            while (outcome := await self._answer(request, upstream)) is _DECLINED:
                 declined += 1
                 if upstream.elsewhere is None or declined > MAX_DECLINES:  # (a plain 503: the mark is not for clients)
                     raise ServiceUnavailableError(f"No replica could serve request {upstream.request_id}; retry later.")
@@ -399,22 +400,15 @@ class _ClientConnection(asyncio.Protocol):
                 if upstream.elsewhere is None or declined > MAX_DECLINES:
                     raise ServiceUnavailableError("no replica is left to continue the stream")
                 upstream = await upstream.elsewhere()
-                continuation = HttpRequest(
-                    b"POST", b"/v1/completions", request.headers + resume.headers(), resume.body(), request.keep_alive
-                )
-                handoff = await self._hand_off(continuation, upstream, continues=True)
             except Exception as exc:
                 logger.warning("request %s: its stream could not be continued: %r", upstream.request_id, exc)
-                handoff = None
-            if handoff is None:  # (a replica on another node cannot write to this socket)
-                upstream.done()
                 self._transport.write(upstream.last_words())
                 return False
             logger.info(
                 "request %s: stream continued on another replica (migration %d, %d tokens already sent)",
                 upstream.request_id, resume.migrations, len(resume.generated),
             )  # fmt: skip
-            outcome = await self._handed_off(continuation, upstream, handoff, resume)
+            outcome = await self._answer(_continuation(request, resume), upstream, resume)
             if isinstance(outcome, Resume):
                 resume = outcome
             elif outcome is _DECLINED:
@@ -422,6 +416,38 @@ class _ClientConnection(asyncio.Protocol):
             else:
                 return outcome
         return False
+
+    async def _answer(self, request: HttpRequest, upstream: Upstream, resume: Optional[Resume] = None) -> Any:
+        """One replica's answer, handed off or spliced, and what it means: whether the
+        connection stays open, _DECLINED, or the ``Resume`` of a stream it left unfinished.
+        With ``resume``, ``request`` continues that stream: only a handoff can write it."""
+        handoff = await self._hand_off(request, upstream, continues=resume is not None)
+        if handoff is not None:
+            ending = await self._handed_off(upstream, handoff, continues=resume is not None)
+        elif resume is not None:  # (a replica on another node cannot write to this socket)
+            upstream.done()
+            ending = _Ending(streaming=True)
+        else:
+            connection = await self._connect(upstream)
+            ending = _Ending(declined=True) if connection is None else await self._spliced(request, upstream, connection)
+        return self._concluded(ending, request, upstream, resume)
+
+    def _concluded(self, ending: "_Ending", request: HttpRequest, upstream: Upstream, resume: Optional[Resume]) -> Any:
+        """What an answer's ending means, the same for every way its bytes went."""
+        if self._closed:
+            return False
+        if ending.declined:
+            return _DECLINED
+        if ending.complete:
+            return request.keep_alive
+        if ending.delivered is not None:
+            resumed = Resume.after_cut(ending.delivered, resume, upstream.migrations)
+            if resumed is not None:
+                return resumed
+        # A stream cut between two chunks ends with an error event; anything else just closes.
+        tail = upstream.last_words() if ending.streaming and ending.at_chunk_boundary else b""
+        self._transport.write(tail)
+        return bool(tail) and request.keep_alive
 
     async def _hand_off(self, request: HttpRequest, upstream: Upstream, continues: bool = False) -> Optional[HandoffCall]:
         """The request given to a replica on this node with the client's socket, or None to splice."""
@@ -443,9 +469,8 @@ class _ClientConnection(asyncio.Protocol):
         except OSError:
             return None  # on another node (or gone, which the TCP connect finds out)
 
-    async def _handed_off(self, request: HttpRequest, upstream: Upstream, handoff: HandoffCall, resume: Optional[Resume] = None) -> Any:
-        """Wait while the replica answers on the client's socket: whether the connection stays
-        open; _DECLINED; or, for a stream the replica left unfinished, its ``Resume``."""
+    async def _handed_off(self, upstream: Upstream, handoff: HandoffCall, continues: bool) -> "_Ending":
+        """Wait while the replica answers on the client's socket; how that ended."""
         self._handoff = handoff
         try:
             outcome = await handoff.finished()
@@ -455,24 +480,16 @@ class _ClientConnection(asyncio.Protocol):
             self._handoff = None
             handoff.close()
             upstream.done()
-        if self._closed:
-            return False
-        if outcome == DECLINED or (not handoff.head_sent and outcome != CONTINUATION_FAILED):
+        return _Ending(
             # Declined, or the replica died before writing anything: another one can serve it.
-            return _DECLINED
-        if outcome == COMPLETE or (delivered is not None and delivered.exact and delivered.ended):
-            return request.keep_alive
-        if delivered is not None:
-            resumed = Resume.after_cut(delivered, resume, upstream.migrations)
-            if resumed is not None:
-                return resumed
-        # The replica writes whole chunks, so a stream it left is at a chunk boundary.
-        tail = upstream.last_words() if handoff.streaming or resume is not None else b""
-        self._transport.write(tail)
-        return bool(tail) and request.keep_alive
+            declined=outcome == DECLINED or (not handoff.head_sent and outcome != CONTINUATION_FAILED),
+            complete=outcome == COMPLETE or (delivered is not None and delivered.exact and delivered.ended),
+            streaming=handoff.streaming or continues,
+            delivered=delivered,  # (the replica writes whole chunks: a stream it left is at a boundary)
+        )
 
-    async def _spliced(self, request: HttpRequest, upstream: Upstream, connection: "_UpstreamConnection") -> Any:
-        """Copy the replica's answer to the client: whether the connection stays open, or _DECLINED."""
+    async def _spliced(self, request: HttpRequest, upstream: Upstream, connection: "_UpstreamConnection") -> "_Ending":
+        """Copy the replica's answer to the client; how that ended."""
         self._upstream = connection
         try:
             connection.send(_upstream_request(request, upstream))
@@ -480,31 +497,25 @@ class _ClientConnection(asyncio.Protocol):
         finally:
             self._upstream = None
             upstream.done()
-        if (connection.declined or not connection.answered) and not self._closed:
-            # Declined, or the replica died before answering anything: another one can serve it.
-            return _DECLINED
-        if not complete and not self._closed:
-            tail = upstream.last_words() if connection.at_chunk_boundary and connection.streaming else b""
-            self._transport.write(tail)
-            return bool(tail) and request.keep_alive
-        return request.keep_alive
+        return _Ending(
+            declined=connection.declined or not connection.answered,
+            complete=complete,
+            streaming=connection.streaming,
+            at_chunk_boundary=connection.at_chunk_boundary,
+        )
 
-    async def _connect(self, upstream: Upstream) -> tuple[Upstream, "_UpstreamConnection"]:
-        """A connection to ``upstream``, or to where it says to go instead; ``done`` runs for each refusal."""
+    async def _connect(self, upstream: Upstream) -> Optional["_UpstreamConnection"]:
+        """A connection to ``upstream``; None if it refused (nothing was sent: another replica may
+        take the request), after running ``done``."""
         loop = asyncio.get_running_loop()
-        for refused in range(MAX_DECLINES + 1):
-            try:
-                _, connection = await loop.create_connection(
-                    lambda: _UpstreamConnection(self._transport, loop), upstream.host, upstream.port
-                )
-                return upstream, connection
-            except OSError:
-                upstream.done()
-                if upstream.elsewhere is None or refused == MAX_DECLINES:
-                    raise
-                # Nothing was sent yet, so another replica can take the request.
-                upstream = await upstream.elsewhere()
-        raise AssertionError("unreachable")
+        try:
+            _, connection = await loop.create_connection(
+                lambda: _UpstreamConnection(self._transport, loop), upstream.host, upstream.port
+            )
+            return connection
+        except OSError:
+            upstream.done()
+            return None
 
     def _answer_and_close(self, error: LLMServeError) -> None:
         body = error.to_json_bytes()
@@ -520,6 +531,11 @@ def _failure(exc: Exception, request_id: Optional[str]) -> LLMServeError:
         return exc
     logger.error("request %s: the front door could not reach a replica: %r", request_id, exc)
     return ServiceUnavailableError(f"No replica of the model could be reached for request {request_id}; retry later.")
+
+
+def _continuation(request: HttpRequest, resume: Resume) -> HttpRequest:
+    """The request that generates the rest of ``request``'s stream on another replica."""
+    return HttpRequest(b"POST", b"/v1/completions", request.headers + resume.headers(), resume.body(), request.keep_alive)
 
 
 def _handoff_headers(request: HttpRequest, upstream: Upstream) -> list[tuple[str, str]]:

@@ -45,7 +45,7 @@ from llmserve.migration import CONTINUES_HEADER, DEFAULT_MAX_MIGRATIONS, PROGRES
 from llmserve.openapi import merged_document
 from llmserve.placement import Admission
 from llmserve.relay import ReplicaRelay, adapter_of, start_http_server
-from llmserve.responses import REQUEST_ID_HEADER, SSE_DONE, ApiRequest, backend_failure, error_response
+from llmserve.responses import REQUEST_ID_HEADER, ApiRequest, backend_failure, error_response, stream_ending
 from llmserve.routing import ModelRouter
 
 logger = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ async def _to_replica(
 
     def last_words() -> bytes:  # the replica died mid-stream: end the client's stream cleanly
         error = backend_failure(ConnectionError("the replica closed the stream"), request_id)
-        event = (error.to_sse_event() + SSE_DONE).encode()
+        event = stream_ending(error).encode()
         return b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event)
 
     host, port = replica_url.removeprefix("http://").rsplit(":", 1)

@@ -45,11 +45,11 @@ from typing import Any, AsyncIterator, Callable, Optional
 from starlette.responses import Response, StreamingResponse
 
 from llmserve.engine import ENDPOINT_PATHS
-from llmserve.errors import RETRY_ELSEWHERE_HEADER, ReplicaUnavailableError, ServiceUnavailableError, TooManyRequestsError
+from llmserve.errors import MAX_DECLINES, RETRY_ELSEWHERE_HEADER, ReplicaUnavailableError, ServiceUnavailableError, TooManyRequestsError
 from llmserve.handoff import HandoffListener, address_for
 from llmserve.migration import DEFAULT_MAX_MIGRATIONS
 from llmserve.placement import Admission
-from llmserve.responses import REQUEST_ID_HEADER, SSE_DONE, ApiRequest, backend_failure, error_response
+from llmserve.responses import REQUEST_ID_HEADER, ApiRequest, backend_failure, error_response, stream_ending
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ class ReplicaRelay:
         path = ENDPOINT_PATHS[request.endpoint]
         import aiohttp
 
-        for attempt in range(2):
+        for declined in range(MAX_DECLINES + 1):
             replica_url, finished = await self.place(adapter)
             try:
                 upstream = await self._client().post(replica_url + path, data=request.raw_body, headers=headers)
@@ -297,10 +297,10 @@ class ReplicaRelay:
                 # Nothing was answered yet, so another replica can take it.
                 finished()
                 self.forget(replica_url)
-                if attempt:
+                if declined == MAX_DECLINES:
                     raise
                 continue
-            if RETRY_ELSEWHERE_HEADER not in upstream.headers or attempt:
+            if RETRY_ELSEWHERE_HEADER not in upstream.headers or declined == MAX_DECLINES:
                 return upstream, finished
             upstream.release()  # the replica declined (its engine died): the next one serves
             finished()
@@ -323,7 +323,7 @@ class ReplicaRelay:
         except Exception as exc:  # the replica went away mid-stream; the client gets a clean end
             complete = True
             error = backend_failure(exc, request_id)
-            yield (error.to_sse_event() + SSE_DONE).encode()
+            yield stream_ending(error).encode()
         finally:
             # An incomplete relay means our client left: closing the connection
             # is what tells the replica (and so the engine) to stop.

@@ -47,6 +47,11 @@ class ApiRequest:
     continues: Optional[Continued] = None
 
 
+def stream_ending(error: LLMServeError) -> str:
+    """How every stream that fails after it began ends, on every path: one error event, then [DONE]."""
+    return error.to_sse_event() + SSE_DONE
+
+
 def error_response(error: LLMServeError, request_id: Optional[str] = None) -> Response:
     headers = error.headers()
     if request_id:
@@ -73,7 +78,7 @@ async def guarded(events: AsyncIterator[Any], request_id: str) -> AsyncIterator[
         raise  # the stream goes on elsewhere: nothing more is written here
     except Exception as exc:
         error = backend_failure(exc, request_id)
-        yield error.to_sse_event() + SSE_DONE if started else error
+        yield stream_ending(error) if started else error
     finally:
         await events.aclose()
 

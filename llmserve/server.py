@@ -31,6 +31,7 @@ from llmserve.logs import log_into_serve_replica_log, reopen_serve_replica_log
 from llmserve.migration import Continued, Marked, StreamCut, StreamMarks
 from llmserve.placement import Admission
 from llmserve.relay import ReplicaDataPlane
+from llmserve.responses import stream_ending
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class LLMServer:
             except StreamCut:
                 raise
             except Exception as exc:
-                yield self._as_client_error(exc, body).to_sse_event() + "data: [DONE]\n\n"
+                yield stream_ending(self._as_client_error(exc, body))
             finally:
                 self._active_streams -= 1
 
