@@ -119,9 +119,10 @@ def test_mixed_concurrent_requests_for_the_base_and_its_adapters_each_get_their_
     assert not wrong, f"{len(wrong)} of 24 answers were another model's: {wrong[:3]}"
 
 
-def run_fault(app, expected, fault, title, healthy_line=None):
-    """Kill the first process titled ``title`` under load; the tally, once ``healthy_line`` shows
-    again (without one: once another process of that title runs and the app answers /health)."""
+def run_fault(app, expected, fault, title, healthy_line=None, kinds=None):
+    """Kill the first process titled ``title`` under load (streams of ``kinds``, or the
+    expected ones); the tally, once ``healthy_line`` shows again (without one: once another
+    process of that title runs and the app answers /health)."""
     offset = len(Path(app["log"]).read_text())
     victim = chaos.processes(app["pid"], title)[0]
 
@@ -136,7 +137,7 @@ def run_fault(app, expected, fault, title, healthy_line=None):
     tally = chaos.under_fault(
         fault,
         app["url"],
-        expected["streams"],
+        kinds or expected["streams"],
         inject=lambda: chaos.kill(victim),
         recovered=chaos.status_line_after(app["log"], offset, healthy_line) if healthy_line else replaced,
         probe=chaos.Expected(PROBE, expected["probe"], None),
@@ -154,6 +155,16 @@ def test_engine_core_killed(app, expected):
     assert tally.migrated >= 1, "no stream was on the replica whose engine died"
     assert tally.service_back_s is not None and tally.service_back_s < 5
     assert tally.recovered_s is not None and tally.recovered_s <= app["start_s"] + RECOVERY_SLACK_S
+
+
+def test_a_stream_that_cannot_move_ends_with_one_error_event_when_its_engine_dies(app, expected):
+    """Streams asking for logprobs are not continued elsewhere (migration.py): the dead engine's
+    end with an error event and [DONE], the other replica's complete; none is cut or hangs."""
+    unmovable = chaos.expected(app["url"], {**STREAM, "logprobs": 1})
+    tally = run_fault(app, expected, "engine core, unmovable streams", "VLLM::EngineCore", rf"LLMServer:{MODEL}: healthy \(2 running\)", [unmovable])
+    assert tally.counts["hung"] == 0 and tally.counts["broken"] == 0, tally.details
+    assert tally.migrated == 0 and 1 <= tally.counts["failed cleanly"] < 16, tally.counts
+    assert tally.streams_completed + tally.counts["failed cleanly"] == 16, tally.counts  # (probes were served elsewhere)
 
 
 def test_model_replica_killed(app, expected):
