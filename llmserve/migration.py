@@ -80,6 +80,12 @@ _TOKEN_IDS = re.compile(r'"token_ids":\[([0-9,]*)\]')
 _PROMPT_TOKEN_IDS = re.compile(r'"prompt_token_ids":\[([0-9,]*)\]')
 _STREAM_ID = re.compile(r'"id":"([^"]*)","object":"([^"]*)","created":([0-9]+)')
 _FINISHED = re.compile(r'"finish_reason":"')
+# An event whose text is not empty. vLLM sends tokens with no text while it holds their text
+# back: a character whose UTF-8 bytes are split over tokens, or what may be a stop string.
+# A continuation resumes after the last token whose text went out, so nothing held back is
+# lost; and its prompt then never ends in the middle of a character, where vLLM's detokenizer
+# would put the whole prompt's text in its first event (seen with vLLM 0.32).
+_SOME_TEXT = re.compile(r'"(?:text|content)":"[^"]')
 
 
 class StreamCut(Exception):
@@ -152,7 +158,10 @@ class StreamMarks:
         return {**self._body, "return_token_ids": True}
 
     def mark(self, text: str) -> Marked:
+        """The events of one write as the client gets them, and its line for the pipe: the
+        write's tokens (``t``), of which the first ``w`` (when not all) have their text in it."""
         tokens: list[int] = []
+        shown_upto = 0
         shown: list[str] = []
         extra: dict[str, Any] = {}
         finished = False
@@ -171,9 +180,13 @@ class StreamMarks:
                 extra = self._resume_fields(event)
                 event = _PROMPT_TOKEN_IDS.sub('"prompt_token_ids":null', event, count=1)
             event = _TOKEN_IDS.sub(lambda found: _collect(found, tokens), event)
+            if _SOME_TEXT.search(event):
+                shown_upto = len(tokens)
             finished = finished or bool(_FINISHED.search(event))
             shown.append(event + "\n\n")
         mark: dict[str, Any] = {"t": tokens, **extra}
+        if shown_upto != len(tokens):
+            mark["w"] = shown_upto
         if finished:
             mark["f"] = 1
         return Marked("".join(shown), json.dumps(mark, separators=(",", ":")).encode())
@@ -278,7 +291,7 @@ class Delivered:
     """What a client got of one replica's writes, from the pipe's lines and the bytes that went out."""
 
     exact: bool  # the lines account for exactly the bytes written
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # those whose text went out (see _SOME_TEXT)
     finished: bool = False  # an event with a finish reason went out
     ended: bool = False  # the whole answer went out, to its last byte
     first: Optional[dict[str, Any]] = None  # the first stream's own line: prompt, request, id
@@ -287,6 +300,7 @@ class Delivered:
     def of(cls, lines: bytes, written: int) -> "Delivered":
         delivered = cls(exact=False)
         total = 0
+        sent: list[int] = []  # every token the writes carried, text or not
         for line in lines.split(b"\n"):
             if total == written:
                 delivered.exact = True
@@ -299,7 +313,11 @@ class Delivered:
             if not size.isdigit() or "x" in fields:
                 break
             total += int(size)
-            delivered.tokens += fields.get("t", ())
+            written_tokens = fields.get("t", [])
+            shown = fields.get("w", len(written_tokens))
+            if shown:
+                delivered.tokens = sent + written_tokens[:shown]
+            sent += written_tokens
             delivered.finished = delivered.finished or "f" in fields
             delivered.ended = delivered.ended or "e" in fields
             if "r" in fields:

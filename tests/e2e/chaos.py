@@ -40,7 +40,7 @@ class Tally:
     fault: str
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     details: list[str] = field(default_factory=list)
-    migrated: int = 0  # completed streams whose first replica died
+    migrated: int = 0  # streams that completed after the kill, begun by a replica that died
     streams_completed: int = 0
     service_back_s: Optional[float] = None  # until a request sent after the kill was answered
     recovered_s: Optional[float] = None  # every replica running again
@@ -70,7 +70,7 @@ def _seconds(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def stream(base_url: str, body: dict, seen: Optional[dict] = None) -> tuple[str, str]:
+def stream(base_url: str, body: dict, seen: Optional[dict] = None, began_on: Optional[list] = None) -> tuple[str, str]:
     """One streamed completion, or chat completion for a body with `messages`: (outcome,
     the text or what went wrong). ``seen`` gets the replica that began it, the stream's ids
     and its usage (with ``include_usage``)."""
@@ -81,6 +81,8 @@ def stream(base_url: str, body: dict, seen: Optional[dict] = None) -> tuple[str,
     try:
         with requests.post(base_url + path, json={**body, "stream": True}, stream=True, timeout=CLIENT_TIMEOUT_S) as response:
             seen["replica"] = response.headers.get("x-llmserve-replica")
+            if began_on is not None:
+                began_on.append(seen["replica"])
             if response.status_code != 200:
                 return _http_error(response)
             for line in response.iter_lines():
@@ -153,6 +155,20 @@ print(json.dumps({name: ray.get(ray.get_actor(name, namespace="serve").get_num_o
 """
 
 
+def replica_process(root_pid: int, replica: str) -> Optional[psutil.Process]:
+    """The process of model replica ``replica`` (as x-llmserve-replica names it: "LLMServer:tiny#id"):
+    the one that holds its Serve log file open (replica_<app>_<deployment>_<id>.log)."""
+    deployment, _, replica_id = replica.partition("#")
+    ending = f"_{deployment.replace(':', '_')}_{replica_id}.log"
+    for process in processes(root_pid, "ray::ServeReplica:"):
+        try:
+            if any(opened.path.endswith(ending) for opened in process.open_files()):
+                return process
+        except psutil.Error:
+            continue
+    return None
+
+
 def live_replicas() -> set[str]:
     """The names of the app's model replicas now (as answers name them in x-llmserve-replica)."""
     return {name.split("#", 1)[1] for name in ongoing_requests()}
@@ -193,14 +209,15 @@ def under_fault(
     fault: str,
     base_url: str,
     kinds: list[Expected],
-    inject: Callable[[], None],
+    inject: Callable[[list[str]], None],
     recovered: Callable[[], bool],
     probe: Expected,
     streams: int = 16,
     recovery_timeout_s: float = 300.0,
 ) -> Tally:
     """Kill something while ``streams`` streams (of ``kinds``, in turn) run and ``probe``
-    requests keep coming; each stream must end with its kind's text and usage, under one id."""
+    requests keep coming; each stream must end with its kind's text and usage, under one id.
+    ``inject`` gets the replicas the streams began on (one name per stream)."""
     tally = Tally(fault)
     lock = threading.Lock()
     killed_at: list[float] = []
@@ -214,16 +231,21 @@ def under_fault(
 
     completed_on: list[str] = []
 
+    began_on: list[str] = []
+
     def one_stream(index):
         kind = kinds[index % len(kinds)]
         seen: dict = {}
-        outcome, text = stream(base_url, kind.body, seen)
+        outcome, text = stream(base_url, kind.body, seen, began_on)
         if outcome == "completed" and text == kind.text and (seen.get("usage") != kind.usage or len(seen["ids"]) != 1):
             outcome, text = "broken", f"usage {seen.get('usage')} (not {kind.usage}) or ids {seen['ids']}"
         judge(outcome, text, kind.text, "stream")
+        if outcome == "completed" and text == kind.text and killed_at and time.monotonic() > killed_at[0]:
+            with lock:
+                completed_on.append(seen["replica"])  # (only those still running at the kill can migrate)
         if outcome == "completed" and text == kind.text:
             with lock:
-                completed_on.append(seen["replica"])
+                tally.streams_completed += 1
 
     def probing():
         while not stop_probing.is_set():
@@ -237,9 +259,12 @@ def under_fault(
     with ThreadPoolExecutor(streams + 1) as pool:
         running = [pool.submit(one_stream, i) for i in range(streams)]
         prober = pool.submit(probing)
-        time.sleep(1.5)  # every stream is under way
+        deadline = time.monotonic() + 10
+        while len(began_on) < streams and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # every stream is under way, none near its end
         killed_at.append(time.monotonic())
-        inject()
+        inject(list(began_on))
         for future in running:
             future.result()
         deadline = killed_at[0] + recovery_timeout_s
@@ -251,7 +276,6 @@ def under_fault(
             time.sleep(0.5)
         stop_probing.set()
         prober.result()
-    tally.streams_completed = len(completed_on)
     if tally.recovered_s is not None:
         alive = live_replicas()
         tally.migrated = sum(1 for replica in completed_on if replica not in alive)

@@ -37,6 +37,10 @@ CHAT_STREAM = {
     "temperature": 0, "stream_options": {"include_usage": True},
 }  # fmt: skip
 PROBE = {"model": MODEL, "prompt": "The weather", "max_tokens": 8, "temperature": 0}
+# vLLM runs float32 models in bfloat16 on x86 CPUs, where a random model's greedy choice flips
+# on rounding: a continuation's prefill rounds otherwise than the decode steps it replaces (and
+# so does another batch). In float32 a stream continued at any token keeps its text.
+ENGINE_KWARGS = {**TEST_ENGINE_KWARGS, "dtype": "float32"}
 # Streams and probes the app must never leave hanging, whatever is killed.
 TALLIES: list[chaos.Tally] = []
 # A replica must be back within its start time plus this (Serve sees a dead process at once).
@@ -69,7 +73,7 @@ def app(tiny_model_paths, s3, tmp_path_factory):
     port = free_port()
     model = {
         "model_loading_config": {"model_id": MODEL, "model_source": tiny_model_paths["tiny-a"]},
-        "engine_kwargs": TEST_ENGINE_KWARGS,
+        "engine_kwargs": ENGINE_KWARGS,
         "deployment_config": {"num_replicas": 2},
         "lora_config": {"dynamic_lora_loading_path": f"s3://adapters/{MODEL}", "max_num_adapters_per_replica": 2},
         "runtime_env": {"env_vars": {**s3, "XDG_CACHE_HOME": str(cache)}},
@@ -120,14 +124,27 @@ def test_mixed_concurrent_requests_for_the_base_and_its_adapters_each_get_their_
 
 
 def run_fault(app, expected, fault, title, healthy_line=None, kinds=None):
-    """Kill the first process titled ``title`` under load (streams of ``kinds``, or the
-    expected ones); the tally, once ``healthy_line`` shows again (without one: once another
-    process of that title runs and the app answers /health)."""
+    """Kill a process titled ``title`` under load (streams of ``kinds``, or the expected ones):
+    for a model replica or its engine core, that of the replica most streams began on. The
+    tally, once ``healthy_line`` shows again (without one: once another process of that title
+    runs and the app answers /health)."""
     offset = len(Path(app["log"]).read_text())
-    victim = chaos.processes(app["pid"], title)[0]
+    killed = []
+
+    def victim(began_on):
+        from collections import Counter
+
+        candidates = chaos.processes(app["pid"], title)
+        busiest = Counter(name for name in began_on if name).most_common(1)
+        replica = chaos.replica_process(app["pid"], busiest[0][0]) if busiest and "LLMServer" in busiest[0][0] else None
+        if replica is not None:
+            mine = [p for p in candidates if p.pid == replica.pid or p in replica.children(recursive=True)]
+            candidates = mine or candidates
+        killed.append(candidates[0])
+        chaos.kill(candidates[0])
 
     def replaced() -> bool:
-        if not [p for p in chaos.processes(app["pid"], title) if p.pid != victim.pid]:
+        if not [p for p in chaos.processes(app["pid"], title) if p.pid != killed[0].pid]:
             return False
         try:
             return requests.get(app["url"] + "/health", timeout=5).status_code == 200
@@ -138,7 +155,7 @@ def run_fault(app, expected, fault, title, healthy_line=None, kinds=None):
         fault,
         app["url"],
         kinds or expected["streams"],
-        inject=lambda: chaos.kill(victim),
+        inject=victim,
         recovered=chaos.status_line_after(app["log"], offset, healthy_line) if healthy_line else replaced,
         probe=chaos.Expected(PROBE, expected["probe"], None),
     )
@@ -163,7 +180,7 @@ def test_a_stream_that_cannot_move_ends_with_one_error_event_when_its_engine_die
     unmovable = chaos.expected(app["url"], {**STREAM, "logprobs": 1})
     tally = run_fault(app, expected, "engine core, unmovable streams", "VLLM::EngineCore", rf"LLMServer:{MODEL}: healthy \(2 running\)", [unmovable])
     assert tally.counts["hung"] == 0 and tally.counts["broken"] == 0, tally.details
-    assert tally.migrated == 0 and 1 <= tally.counts["failed cleanly"] < 16, tally.counts
+    assert tally.migrated == 0 and tally.counts["failed cleanly"] >= 1, tally.counts
     assert tally.streams_completed + tally.counts["failed cleanly"] == 16, tally.counts  # (probes were served elsewhere)
 
 

@@ -164,3 +164,16 @@ def test_the_deployment_s_bound_on_migrations_holds():
     assert Resume.after_cut(delivered, None, limit=0) is None
     once = Resume.after_cut(delivered, None, limit=1)
     assert once is not None and Resume.after_cut(Delivered(exact=True), once, limit=1) is None
+
+
+def test_tokens_whose_text_vllm_still_holds_back_are_generated_again_not_lost():
+    """A character split over tokens (or a possible stop string) has no text yet: the
+    continuation resumes before those tokens, so their text comes out once, from it."""
+    held = COMPLETION_EVENTS[1].replace('"text":" b"', '"text":""')
+    marked = marked_events([COMPLETION_EVENTS[0], held])
+    assert json.loads(marked[1].mark) == {"t": [780], "w": 0}
+    delivered = Delivered.of(lines_for(marked, [300, 120]), 420)
+    assert delivered.exact and delivered.tokens == [1698]
+    coalesced = marked_events(["".join([COMPLETION_EVENTS[0], held])])
+    assert json.loads(coalesced[0].mark)["w"] == 1
+    assert Delivered.of(lines_for(coalesced, [420]), 420).tokens == [1698]
