@@ -174,16 +174,6 @@ def test_engine_core_killed(app, expected):
     assert tally.recovered_s is not None and tally.recovered_s <= app["start_s"] + RECOVERY_SLACK_S
 
 
-def test_a_stream_that_cannot_move_ends_with_one_error_event_when_its_engine_dies(app, expected):
-    """Streams asking for logprobs are not continued elsewhere (migration.py): the dead engine's
-    end with an error event and [DONE], the other replica's complete; none is cut or hangs."""
-    unmovable = chaos.expected(app["url"], {**STREAM, "logprobs": 1})
-    tally = run_fault(app, expected, "engine core, unmovable streams", "VLLM::EngineCore", rf"LLMServer:{MODEL}: healthy \(2 running\)", [unmovable])
-    assert tally.counts["hung"] == 0 and tally.counts["broken"] == 0, tally.details
-    assert tally.migrated == 0 and tally.counts["failed cleanly"] >= 1, tally.counts
-    assert tally.streams_completed + tally.counts["failed cleanly"] == 16, tally.counts  # (probes were served elsewhere)
-
-
 def test_model_replica_killed(app, expected):
     tally = run_fault(app, expected, "model replica", f"ray::ServeReplica:llm_app:LLMServer:{MODEL}", rf"LLMServer:{MODEL}: healthy \(2 running\)")
     assert tally.counts["hung"] == 0 and tally.counts["broken"] == 0, tally.details
