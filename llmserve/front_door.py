@@ -125,6 +125,8 @@ class _Ending:
     streaming: bool = False  # an SSE stream had begun
     at_chunk_boundary: bool = True  # ... and stopped between two chunks: an error event can end it
     delivered: Optional[Delivered] = None  # what the client has, where the replica described its writes
+
+
 # A replica's answer to "serve this": not mine, ask the next place (nothing was written).
 _DECLINED = object()
 

@@ -313,11 +313,11 @@ class Delivered:
             if not size.isdigit() or "x" in fields:
                 break
             total += int(size)
-            written_tokens = fields.get("t", [])
-            shown = fields.get("w", len(written_tokens))
+            carried = fields.get("t", [])
+            shown = fields.get("w", len(carried))
             if shown:
-                delivered.tokens = sent + written_tokens[:shown]
-            sent += written_tokens
+                delivered.tokens = sent + carried[:shown]
+            sent += carried
             delivered.finished = delivered.finished or "f" in fields
             delivered.ended = delivered.ended or "e" in fields
             if "r" in fields:

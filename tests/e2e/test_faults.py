@@ -14,6 +14,7 @@ those begun by the replica that died.
 import json
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -132,8 +133,6 @@ def run_fault(app, expected, fault, title, healthy_line=None, kinds=None):
     killed = []
 
     def victim(began_on):
-        from collections import Counter
-
         candidates = chaos.processes(app["pid"], title)
         busiest = Counter(name for name in began_on if name).most_common(1)
         replica = chaos.replica_process(app["pid"], busiest[0][0]) if busiest and "LLMServer" in busiest[0][0] else None
