@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from typing import Any, AsyncIterator, Optional, Union
@@ -48,6 +49,15 @@ def _default_engine_cls() -> type[Engine]:
     from llmserve.vllm_engine import VLLMEngine
 
     return VLLMEngine
+
+
+def _split_at_error(text: str) -> tuple[str, Optional[str]]:
+    """A write's events before vLLM's error event, and that event with what follows (or None).
+    (Inside an event's JSON a quote is escaped: the pattern only matches an event's start.)"""
+    at = text.find('data: {"error"')
+    if at < 0:
+        return text, None
+    return text[:at], text[at:]
 
 
 def _replica_context() -> Any:
@@ -197,20 +207,48 @@ class LLMServer:
                         return
                     first = False
                     if marks is None:
-                        yield event
-                        continue
-                    yield marks.mark(event)
-                    if marks.error_tail is not None:
-                        if self._engine.is_dead():
+                        shown, error_tail = _split_at_error(event)
+                    else:
+                        marked = marks.mark(event)
+                        shown, error_tail = marked, marks.error_tail
+                        if error_tail is not None and self._engine.is_dead():
+                            yield marked
                             raise StreamCut()  # the front door continues the stream elsewhere
-                        yield marks.error_tail
-                        return
+                    if error_tail is None:
+                        yield shown
+                        continue
+                    if shown:
+                        yield shown
+                    yield self._ending_after(error_tail, body)
+                    return
             except StreamCut:
                 raise
             except Exception as exc:
-                yield stream_ending(self._as_client_error(exc, body))
+                yield stream_ending(self._failed_mid_stream(body, exc))
             finally:
                 self._active_streams -= 1
+
+    def _ending_after(self, error_tail: str, body: dict[str, Any]) -> str:
+        """How a stream ends after vLLM sent an error event in it: vLLM's own event for the
+        client's faults (4xx), else ours, which names the request (vLLM's says "see stack trace
+        above", of a server the client cannot see)."""
+        try:
+            error = json.loads(error_tail.split("\n\n", 1)[0][len("data: ") :])["error"]
+            status = int(error.get("code") or 500)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            error, status = error_tail, 500
+        if status < 500 and not self._engine.is_dead():
+            return error_tail
+        return stream_ending(self._failed_mid_stream(body, error))
+
+    def _failed_mid_stream(self, body: dict[str, Any], cause: Any) -> LLMServeError:
+        """The error a stream that already began ends with (never "go elsewhere": it began here)."""
+        if isinstance(cause, LLMServeError) and not isinstance(cause, ReplicaUnavailableError):
+            return cause
+        request_id = body.get("request_id", "unknown")
+        what = "died" if self._engine.is_dead() else "failed"
+        logger.error("request %s: the engine of %s %s mid-stream: %r", request_id, self._config.model_id, what, cause)
+        return EngineError(f"The engine {what} while serving request {request_id}; see the server log for details.")
 
     def _adapter_for(self, body: dict[str, Any]) -> contextlib.AbstractAsyncContextManager:
         """Holds the request's LoRA adapter loaded (``base:adapter``); nothing for the base model."""

@@ -3,7 +3,9 @@
 ``FakeEngine`` answers like vLLM does in shape (OpenAI JSON and SSE) but its
 text is the prompt echoed back word by word. Words that start with ``fail:``
 make it fail on purpose: ``fail:start`` (before any output), ``fail:stream``
-(after the first event), ``fail:client`` (a 400 the client caused). The word
+(after the first event), ``fail:client`` (a 400 the client caused);
+``fail:event`` and ``fail:event400`` end the stream as vLLM does when it fails
+mid-stream: an error event of its own (code 500 or 400), then ``[DONE]``. The word
 ``slow`` spaces a stream's events 20 ms apart, and ``open_streams`` counts the
 streams being generated, so a test can see a stream stop when its client
 leaves. Whole answers name the endpoint that served them (``"endpoint"``).
@@ -63,6 +65,11 @@ class FakeEngine:
                     raise RuntimeError("fake engine died mid-stream")
                 if word == "fail:stream" and index > 0:
                     raise RuntimeError("fake engine failure mid-stream")
+                if word in ("fail:event", "fail:event400") and index > 0:
+                    code = 400 if word == "fail:event400" else 500
+                    error = {"message": f"fake engine error event {code}", "type": "BadRequestError" if code == 400 else "InternalServerError", "param": None, "code": code}
+                    yield f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n"
+                    return
                 chunk = {"id": body["request_id"], "model": body["model"], "choices": [_choice(endpoint, word, delta=True)]}
                 yield f"data: {json.dumps(chunk)}\n\n"
                 await asyncio.sleep(pause)

@@ -137,14 +137,14 @@ def _connection_error(exc: Exception, started: bool) -> tuple[str, str]:
 
 def processes(root_pid: int, title: str) -> list[psutil.Process]:
     """The app's processes whose title starts with ``title`` (e.g. ``VLLM::EngineCore``)."""
-    found = []
-    for process in psutil.Process(root_pid).children(recursive=True):
-        try:
-            if " ".join(process.cmdline()).startswith(title) or process.name().startswith(title):
-                found.append(process)
-        except psutil.Error:
-            continue
-    return found
+    return [process for process in psutil.Process(root_pid).children(recursive=True) if _titled(process, title)]
+
+
+def _titled(process: psutil.Process, title: str) -> bool:
+    try:
+        return " ".join(process.cmdline()).startswith(title) or process.name().startswith(title)
+    except psutil.Error:
+        return False
 
 
 _ONGOING = """
@@ -155,18 +155,31 @@ print(json.dumps({name: ray.get(ray.get_actor(name, namespace="serve").get_num_o
 """
 
 
+_REPLICA_PIDS = """
+import json, os, ray
+ray.init(address="auto", namespace="serve", log_to_driver=False)
+names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_REPLICA::")]
+print(json.dumps({name: ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda _: os.getpid())) for name in names}))
+"""
+
+
 def replica_process(root_pid: int, replica: str) -> Optional[psutil.Process]:
-    """The process of model replica ``replica`` (as x-llmserve-replica names it: "LLMServer:tiny#id"):
-    the one that holds its Serve log file open (replica_<app>_<deployment>_<id>.log)."""
-    deployment, _, replica_id = replica.partition("#")
-    ending = f"_{deployment.replace(':', '_')}_{replica_id}.log"
-    for process in processes(root_pid, "ray::ServeReplica:"):
-        try:
-            if any(opened.path.endswith(ending) for opened in process.open_files()):
-                return process
-        except psutil.Error:
-            continue
-    return None
+    """The process of model replica ``replica`` (as x-llmserve-replica names it: "LLMServer:tiny#id"),
+    by the pid its actor (SERVE_REPLICA::<app>#<deployment>#<id>) reports."""
+    return replica_processes(root_pid).get(replica)
+
+
+def replica_processes(root_pid: int) -> dict[str, psutil.Process]:
+    """Each replica's process, by the replica's name (as x-llmserve-replica names it)."""
+    pids = {pid: name.split("#", 1)[1] for name, pid in _ray_json(_REPLICA_PIDS).items()}
+    return {pids[p.pid]: p for p in processes(root_pid, "ray::ServeReplica:") if p.pid in pids}
+
+
+def engine_core_of(replica: psutil.Process) -> psutil.Process:
+    """The vLLM engine core process a model replica started."""
+    cores = [p for p in replica.children(recursive=True) if _titled(p, "VLLM::EngineCore")]
+    assert len(cores) == 1, cores
+    return cores[0]
 
 
 def live_replicas() -> set[str]:
@@ -176,10 +189,15 @@ def live_replicas() -> set[str]:
 
 def ongoing_requests() -> dict[str, int]:
     """What Serve counts as ongoing on each model replica of the running app (its leases)."""
+    return _ray_json(_ONGOING)
+
+
+def _ray_json(script: str) -> dict:
+    """What ``script``, run as a driver of the app's Ray cluster, prints as JSON on its last line."""
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-c", _ONGOING], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

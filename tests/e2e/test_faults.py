@@ -135,10 +135,10 @@ def run_fault(app, expected, fault, title, healthy_line=None, kinds=None):
     def victim(began_on):
         candidates = chaos.processes(app["pid"], title)
         busiest = Counter(name for name in began_on if name).most_common(1)
-        replica = chaos.replica_process(app["pid"], busiest[0][0]) if busiest and "LLMServer" in busiest[0][0] else None
-        if replica is not None:
-            mine = [p for p in candidates if p.pid == replica.pid or p in replica.children(recursive=True)]
-            candidates = mine or candidates
+        if busiest and "LLMServer" in busiest[0][0]:
+            replica = chaos.replica_process(app["pid"], busiest[0][0])
+            assert replica is not None, f"no process for replica {busiest[0][0]}"
+            candidates = [p for p in candidates if p.pid == replica.pid or p in replica.children(recursive=True)]
         killed.append(candidates[0])
         chaos.kill(candidates[0])
 
@@ -180,6 +180,36 @@ def test_model_replica_killed(app, expected):
     assert tally.migrated >= 1, "no stream was on the killed replica"
     assert tally.service_back_s is not None and tally.service_back_s < 5
     assert tally.recovered_s is not None and tally.recovered_s <= app["start_s"] + RECOVERY_SLACK_S
+
+
+def test_a_stream_that_cannot_move_ends_with_one_error_event_when_its_engine_dies(app):
+    """A stream with logprobs cannot be continued elsewhere (its logprobs would be another
+    engine's): when its engine dies, the client gets one error event with the request id,
+    then [DONE], at once; meanwhile the other replica serves new requests."""
+    offset = len(Path(app["log"]).read_text())
+    engines = {name: chaos.engine_core_of(replica) for name, replica in chaos.replica_processes(app["pid"]).items() if "LLMServer" in name}
+    assert len(engines) == 2, engines
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 480, "min_tokens": 480, "temperature": 0, "logprobs": 1, "stream": True}
+    with requests.post(app["url"] + "/v1/completions", json=body, stream=True, timeout=60) as response:
+        assert response.status_code == 200, response.text
+        request_id = response.headers["x-request-id"]
+        killed_at = time.monotonic()
+        chaos.kill(engines[response.headers["x-llmserve-replica"]])
+        events = [line for line in response.iter_lines() if line.startswith(b"data: ")]
+        ended_s = time.monotonic() - killed_at
+    errors = [json.loads(event[len(b"data: ") :])["error"] for event in events if event.startswith(b'data: {"error"')]
+    assert len(errors) == 1, events[-3:]
+    assert events[-2].startswith(b'data: {"error"') and events[-1] == b"data: [DONE]", events[-3:]
+    assert errors[0]["type"] and errors[0]["message"], errors[0]
+    assert request_id in errors[0]["message"], (request_id, errors[0])
+    assert ended_s < 10, ended_s
+    # The other replica serves while this one is replaced.
+    assert chaos.whole(app["url"], PROBE)[0] == "completed"
+    recovered = chaos.status_line_after(app["log"], offset, rf"LLMServer:{MODEL}: healthy \(2 running\)")
+    deadline = time.monotonic() + app["start_s"] + 60
+    while not recovered() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert recovered()
 
 
 def test_ingress_killed(app, expected):

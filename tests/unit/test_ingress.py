@@ -162,6 +162,20 @@ def test_failure_mid_stream_ends_with_one_error_event(two_models):
     assert events[2:] == ["[DONE]"]
 
 
+def test_an_engine_error_event_mid_stream_names_the_request_and_a_client_one_is_passed_on(two_models):
+    """vLLM's own error event says "see stack trace above", of a server the client cannot see."""
+    response = call(two_models, "POST", "/v1/completions", json={"model": "alpha", "prompt": "ok fail:event more", "stream": True}, headers={"x-request-id": "req-77"})
+    events = sse_events(response)
+    assert json.loads(events[0])["choices"][0]["text"] == "ok"
+    error = json.loads(events[1])["error"]
+    assert error["code"] == "engine_error" and "req-77" in error["message"], error
+    assert events[2:] == ["[DONE]"]
+    response = call(two_models, "POST", "/v1/completions", json={"model": "alpha", "prompt": "ok fail:event400", "stream": True})
+    events = sse_events(response)
+    assert json.loads(events[1])["error"]["message"] == "fake engine error event 400"
+    assert events[2:] == ["[DONE]"]
+
+
 def test_models_list_and_retrieve(two_models):
     listed = call(two_models, "GET", "/v1/models").json()
     assert listed["object"] == "list" and [card["id"] for card in listed["data"]] == ["alpha", "beta"]
