@@ -282,17 +282,19 @@ def under_fault(
             time.sleep(0.02)
         time.sleep(0.3)  # every stream is under way, none near its end
         killed_at.append(time.monotonic())
-        inject(list(began_on))
-        for future in running:
-            future.result()
-        deadline = killed_at[0] + recovery_timeout_s
-        while time.monotonic() < deadline and not recovered():
-            time.sleep(0.5)
-        if recovered():
-            tally.recovered_s = time.monotonic() - killed_at[0]
-        while tally.service_back_s is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        stop_probing.set()
+        try:
+            inject(list(began_on))
+            for future in running:
+                future.result()
+            deadline = killed_at[0] + recovery_timeout_s
+            while time.monotonic() < deadline and not recovered():
+                time.sleep(0.5)
+            if recovered():
+                tally.recovered_s = time.monotonic() - killed_at[0]
+            while tally.service_back_s is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+        finally:
+            stop_probing.set()  # (also when the injection failed: the pool waits for the prober)
         prober.result()
     if tally.recovered_s is not None:
         alive = live_replicas()

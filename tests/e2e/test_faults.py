@@ -135,7 +135,7 @@ def run_fault(app, expected, fault, title, healthy_line=None, kinds=None):
     def victim(began_on):
         candidates = chaos.processes(app["pid"], title)
         busiest = Counter(name for name in began_on if name).most_common(1)
-        if busiest and "LLMServer" in busiest[0][0]:
+        if busiest and "OpenAiIngress" not in title:  # a model replica or its engine core
             replica = chaos.replica_process(app["pid"], busiest[0][0])
             assert replica is not None, f"no process for replica {busiest[0][0]}"
             candidates = [p for p in candidates if p.pid == replica.pid or p in replica.children(recursive=True)]
