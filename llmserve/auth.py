@@ -2,7 +2,7 @@
 
 Keys come from the app's ``api_keys`` (``llmserve run --api-key``) and from the
 ``LLMSERVE_API_KEY`` environment variable (comma-separated; the place for a
-secret). Without keys the API is open. ``/health`` is always open, so load
+secret). Without keys the API is open. ``/health`` and ``/metrics`` are always open, so load
 balancers and Kubernetes probes need no key. A presented key is hashed and
 compared with every key in constant time, and no key is ever logged.
 
@@ -23,7 +23,8 @@ from typing import Any, Iterable, Optional, Union
 from llmserve.errors import UnauthorizedError
 
 KEYS_VARIABLE = "LLMSERVE_API_KEY"
-OPEN_PATHS = frozenset({"/health"})
+# Load balancers and Prometheus need no key (`vllm serve --api-key` keeps /metrics open too).
+OPEN_PATHS = frozenset({"/health", "/metrics"})
 
 
 class ApiKeys:

@@ -29,12 +29,14 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
 import httptools
 
+from llmserve import metrics
 from llmserve.errors import (
     MAX_DECLINES,
     RETRY_ELSEWHERE_HEADER,
@@ -88,6 +90,9 @@ class HttpRequest:
     body: bytes
     keep_alive: bool
     http_version: str = "1.1"
+    arrived: float = 0.0  # Unix time the whole request was in
+    # What metrics name its answer by (model, adapter, endpoint), once the route knows.
+    labels: dict[str, str] = field(default_factory=lambda: dict(metrics.UNKNOWN_REQUEST))
 
     def header(self, name: bytes) -> Optional[bytes]:
         return next((value for key, value in self.headers if key == name), None)
@@ -312,6 +317,7 @@ class _ClientConnection(asyncio.Protocol):
             self._refuse(ServiceUnavailableError("The server is shutting down; retry on a new connection."))
             return
         request.body = b"".join(self._body)
+        request.arrived = time.time()
         self._pending.append(request)
         if not self._answering():
             self._worker = asyncio.get_running_loop().create_task(self._serve_pending())
@@ -383,11 +389,12 @@ class _ClientConnection(asyncio.Protocol):
                 declined += 1
                 if upstream.elsewhere is None or declined > MAX_DECLINES:  # (a plain 503: the mark is not for clients)
                     raise ServiceUnavailableError(f"No replica could serve request {upstream.request_id}; retry later.")
+                metrics.record(metrics.RETRIES, 1, model=request.labels["model"])
                 upstream = await upstream.elsewhere()
         except Exception as exc:  # before anything was written to the client
             if upstream is not None:
                 upstream.done()
-            self._answer_and_close(_failure(exc, upstream.request_id if upstream else None))
+            self._answer_and_close(_failure(exc, upstream.request_id if upstream else None), request.labels)
             return False
         if isinstance(outcome, Resume):
             return await self._continue_stream(request, upstream, outcome)
@@ -406,6 +413,7 @@ class _ClientConnection(asyncio.Protocol):
                 logger.warning("request %s: its stream could not be continued: %r", upstream.request_id, exc)
                 self._transport.write(upstream.last_words())
                 return False
+            metrics.record(metrics.MIGRATIONS, 1, model=request.labels["model"])
             logger.info(
                 "request %s: stream continued on another replica (migration %d, %d tokens already sent)",
                 upstream.request_id, resume.migrations, len(resume.generated),
@@ -519,7 +527,9 @@ class _ClientConnection(asyncio.Protocol):
             upstream.done()
             return None
 
-    def _answer_and_close(self, error: LLMServeError) -> None:
+    def _answer_and_close(self, error: LLMServeError, labels: Optional[dict[str, str]] = None) -> None:
+        """Answer ``error`` and close: the front door's own answers (the rest are counted where made)."""
+        metrics.record(metrics.REQUESTS, 1, **(labels or metrics.UNKNOWN_REQUEST), status=str(error.status_code))
         body = error.to_json_bytes()
         extra = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in error.headers().items())
         head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n"
@@ -537,7 +547,10 @@ def _failure(exc: Exception, request_id: Optional[str]) -> LLMServeError:
 
 def _continuation(request: HttpRequest, resume: Resume) -> HttpRequest:
     """The request that generates the rest of ``request``'s stream on another replica."""
-    return HttpRequest(b"POST", b"/v1/completions", request.headers + resume.headers(), resume.body(), request.keep_alive)
+    return HttpRequest(
+        b"POST", b"/v1/completions", request.headers + resume.headers(), resume.body(), request.keep_alive,
+        arrived=request.arrived, labels=request.labels,
+    )  # fmt: skip
 
 
 def _handoff_headers(request: HttpRequest, upstream: Upstream) -> list[tuple[str, str]]:

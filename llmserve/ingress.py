@@ -25,7 +25,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from llmserve.auth import ApiKeyGuard, ApiKeys
@@ -41,9 +41,10 @@ from llmserve.errors import (
 )
 from llmserve.front_door import FrontDoor, HttpRequest, Upstream
 from llmserve.logs import log_into_serve_replica_log
+from llmserve import metrics
 from llmserve.migration import CONTINUES_HEADER, DEFAULT_MAX_MIGRATIONS, PROGRESS_HEADER, Continued, resumable
 from llmserve.openapi import merged_document
-from llmserve.placement import Admission
+from llmserve.placement import Admission, replica_context
 from llmserve.relay import ReplicaRelay, adapter_of, start_http_server
 from llmserve.responses import REQUEST_ID_HEADER, ApiRequest, backend_failure, error_response, stream_ending
 from llmserve.routing import ModelRouter
@@ -78,6 +79,7 @@ def _api_endpoint(endpoint: Endpoint, router: ModelRouter):
             return error_response(error, request_id)
         body.setdefault("model", model_id)
         body["request_id"] = request_id
+        metrics.answering(model_id, adapter_of(body))
         # Set by a front door that handed this request over with its client's socket (migration.py).
         reports_progress = PROGRESS_HEADER in request.headers
         continued = request.headers.get(CONTINUES_HEADER)
@@ -146,6 +148,10 @@ async def _health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def _metrics(request: Request) -> Response:
+    return PlainTextResponse(await metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     if exc.status_code == 404:
         return error_response(NotFoundError(f"No route for {request.method} {request.url.path}."))
@@ -168,13 +174,14 @@ def build_http_app(router: ModelRouter, keys: ApiKeys = ApiKeys(())) -> Starlett
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/health", _health, methods=["GET"]),
+        Route("/metrics", _metrics, methods=["GET"]),
         Route("/openapi.json", _openapi_endpoint(router), methods=["GET"]),
     ]
-    return Starlette(
-        routes=routes,
-        exception_handlers={HTTPException: _http_error, Exception: _unexpected_error},
-        middleware=[Middleware(ApiKeyGuard, keys=keys)] if keys.required else [],
-    )
+    # (Measured outside the key check: a refused request is an answer too.)
+    middleware = [Middleware(metrics.AnswerMetrics, endpoints=API_PATHS)]
+    if keys.required:
+        middleware.append(Middleware(ApiKeyGuard, keys=keys))
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _unexpected_error}, middleware=middleware)
 
 
 _API_ENDPOINTS = {path.encode(): endpoint for path, endpoint in API_PATHS.items()}
@@ -193,11 +200,12 @@ def front_door_route(router: ModelRouter, own_app: tuple[str, int], keys: ApiKey
             try:
                 content_type = (request.header(b"content-type") or JSON.encode()).decode("latin-1")
                 body = await parse_body(content_type, request.body)
-                _, backend = router.resolve(body.get("model"))
+                model_id, backend = router.resolve(body.get("model"))
                 body_request_id = _body_request_id(body)
             except LLMServeError:
                 pass  # the ingress's own app answers it, in the OpenAI error format
             else:
+                request.labels = {"model": model_id, "adapter": adapter_of(body) or "", "endpoint": endpoint}
                 if isinstance(backend, ReplicaRelay):
                     migrations = backend.stream_migrations if resumable(endpoint, body) else 0
                     return await _to_replica(backend, request, body_request_id, adapter_of(body), migrations)
@@ -225,13 +233,15 @@ async def _to_replica(
         return b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event)
 
     host, port = replica_url.removeprefix("http://").rsplit(":", 1)
-    extra_headers = [] if given_id else [(REQUEST_ID_HEADER.encode(), request_id.encode())]
+    extra_headers = [(metrics.ARRIVED_HEADER.encode(), b"%.6f" % request.arrived)]
+    if not given_id:
+        extra_headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
     return Upstream(host, int(port), request_id, extra_headers, done, elsewhere, last_words, hand_off=True, migrations=migrations)
 
 
 def _relay_for(config: Any, handle: Any) -> ReplicaRelay:
     migrations = config.deployment_config.max_stream_migrations
-    relay = ReplicaRelay(handle, Admission.of(config), DEFAULT_MAX_MIGRATIONS if migrations is None else migrations)
+    relay = ReplicaRelay(handle, Admission.of(config), DEFAULT_MAX_MIGRATIONS if migrations is None else migrations, config.model_id)
     autoscaling = config.deployment_config.autoscaling_config or {}
     if autoscaling.get("min_replicas", 1) > 0:  # (a lease would wake a deployment scaled to zero)
         relay.learn_a_replica()
@@ -240,12 +250,8 @@ def _relay_for(config: Any, handle: Any) -> ReplicaRelay:
 
 def _drain_budget_s() -> float:
     """Serve's graceful_shutdown_timeout_s for this replica, less a second for the rest of the shutdown."""
-    try:
-        from ray import serve
-
-        timeout = serve.get_replica_context()._deployment_config.graceful_shutdown_timeout_s
-    except Exception:  # not in a Serve replica
-        timeout = 20.0
+    context = replica_context()
+    timeout = context._deployment_config.graceful_shutdown_timeout_s if context is not None else 20.0
     return max(0.0, timeout - 1.0)
 
 

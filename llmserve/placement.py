@@ -1,4 +1,5 @@
-"""Where a model's replicas run: Ray Serve options derived from an ``LLMConfig``.
+"""Where a model's replicas run: Ray Serve options derived from an ``LLMConfig``,
+and, inside a replica, which one this is (``replica_context``, ``replica_name``).
 
 CPU-only defaults apply only when no accelerator is present, so a GPU user's
 config means what it says: on GPUs each replica takes one GPU per engine worker
@@ -124,3 +125,20 @@ def _placement_group(pg_config: dict[str, Any], actor_options: dict[str, Any]) -
         "placement_group_bundles": bundles,
         "placement_group_strategy": pg_config.get("strategy", "PACK"),
     }
+
+
+def replica_context() -> Any:
+    """Serve's context of the replica this code runs in; None outside Serve (tests, notebooks)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context()
+    except Exception:
+        return None
+
+
+def replica_name(outside_serve: str) -> str:
+    """Serve's name for this replica (deployment#id), as answers and metrics name it; outside
+    Serve, ``outside_serve``."""
+    context = replica_context()
+    return f"{context.deployment}#{context.replica_id.unique_id}" if context is not None else outside_serve

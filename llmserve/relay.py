@@ -44,12 +44,14 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from starlette.responses import Response, StreamingResponse
 
+from llmserve import metrics
 from llmserve.engine import ENDPOINT_PATHS
 from llmserve.errors import MAX_DECLINES, RETRY_ELSEWHERE_HEADER, ReplicaUnavailableError, ServiceUnavailableError, TooManyRequestsError
 from llmserve.handoff import HandoffListener, address_for
 from llmserve.migration import DEFAULT_MAX_MIGRATIONS
-from llmserve.placement import Admission
-from llmserve.responses import REQUEST_ID_HEADER, ApiRequest, backend_failure, error_response, stream_ending
+from llmserve.metrics import ARRIVED_HEADER
+from llmserve.placement import Admission, replica_name
+from llmserve.responses import REPLICA_HEADER, REQUEST_ID_HEADER, ApiRequest, backend_failure, error_response, stream_ending
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,6 @@ LEASE_OWNER_CHECK_S = 5.0
 REPLICA_KEEP_ALIVE_S = 75
 INGRESS_KEEP_ALIVE_S = 15
 # Which replica answered: every response carries its name.
-REPLICA_HEADER = "x-llmserve-replica"
 # A replica that holds a request's adapter is preferred while it has at most
 # this many more requests in flight than the least busy one; past that, the
 # least busy replica loads the adapter too.
@@ -88,8 +89,12 @@ _ANSWER_HEADERS = {"metadata"}
 class ReplicaRelay:
     """The ingress's backend for one model: hold a lease on a replica, relay its bytes there."""
 
-    def __init__(self, handle: Any, admission: Admission = Admission(), stream_migrations: int = DEFAULT_MAX_MIGRATIONS):
+    def __init__(
+        self, handle: Any, admission: Admission = Admission(), stream_migrations: int = DEFAULT_MAX_MIGRATIONS, model_id: str = ""
+    ):
         self._handle = handle
+        self.model_id = model_id  # (what its metrics are labelled with)
+        self._queue_labels = {"model": model_id, "replica": replica_name(outside_serve="local")}  # (each ingress replica has its own queue)
         self.stream_migrations = stream_migrations  # times a stream may go on at another replica (migration.py)
         self._lease_handle = handle.options(stream=True)
         self._admission = admission  # as the config says; each replica's lease then says it too
@@ -145,6 +150,7 @@ class ReplicaRelay:
             for url, in_flight in self._in_flight.items()
         )
         if len(self._waiting) - free >= admission.max_queued_requests:
+            metrics.record(metrics.REJECTIONS, 1, model=self.model_id)
             raise _line_full(admission.refusal_status, admission.retry_after_s)
 
     async def _lease_on_a_live_replica(self) -> "_Lease":
@@ -163,6 +169,7 @@ class ReplicaRelay:
         """A new lease from Serve, or one a finished request hands over first, whichever comes sooner."""
         handed_over = asyncio.get_running_loop().create_future()
         self._waiting.append(handed_over)
+        self._queue_changed()
         own = _Lease(self._lease_handle.reserve.remote(_this_actor()))
         learning = asyncio.ensure_future(self._learn_replica(own))
         waited = False
@@ -172,6 +179,7 @@ class ReplicaRelay:
         finally:
             with contextlib.suppress(ValueError):
                 self._waiting.remove(handed_over)
+            self._queue_changed()
             handed = handed_over.result() if handed_over.done() and not handed_over.cancelled() else None
             handed_over.cancel()
             learned = learning.done() and not learning.cancelled() and learning.exception() is None
@@ -193,6 +201,9 @@ class ReplicaRelay:
         raise ServiceUnavailableError(
             f"No replica of the model was free within {MAX_QUEUE_WAIT_S:.0f} s; retry later.", retry_after_s=1
         )
+
+    def _queue_changed(self) -> None:
+        metrics.record(metrics.QUEUED, len(self._waiting), **self._queue_labels)
 
     def _release(self, lease: "_Lease") -> None:
         if lease.replica_url in self._in_flight:
@@ -285,11 +296,13 @@ class ReplicaRelay:
         return StreamingResponse(relayed, status_code=upstream.status, media_type="text/event-stream", headers=headers)
 
     async def _send(self, adapter: Optional[str], request: ApiRequest) -> tuple[Any, Callable[[], None]]:
-        headers = {"content-type": request.content_type, REQUEST_ID_HEADER: request.request_id}
+        headers = {"content-type": request.content_type, REQUEST_ID_HEADER: request.request_id, ARRIVED_HEADER: f"{time.time():.6f}"}
         path = ENDPOINT_PATHS[request.endpoint]
         import aiohttp
 
         for declined in range(MAX_DECLINES + 1):
+            if declined:
+                metrics.record(metrics.RETRIES, 1, model=self.model_id)
             replica_url, finished = await self.place(adapter)
             try:
                 upstream = await self._client().post(replica_url + path, data=request.raw_body, headers=headers)

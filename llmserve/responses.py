@@ -26,6 +26,8 @@ from llmserve.migration import Continued, Marked, StreamCut
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+# Names the model replica that made an answer: a name (deployment#id), never an address.
+REPLICA_HEADER = "x-llmserve-replica"
 # The key of an ASGI body message's progress mark (migration.Marked), for the handoff transport.
 MARK_KEY = "llmserve.mark"
 SSE_DONE = "data: [DONE]\n\n"

@@ -30,7 +30,7 @@ from llmserve.errors import BadRequestError, EngineError, LLMServeError, ModelNo
 from llmserve.adapters import AdapterStore, LoadedAdapters
 from llmserve.logs import log_into_serve_replica_log, reopen_serve_replica_log
 from llmserve.migration import Continued, Marked, StreamCut, StreamMarks
-from llmserve.placement import Admission
+from llmserve.placement import Admission, replica_context, replica_name
 from llmserve.relay import ReplicaDataPlane
 from llmserve.responses import stream_ending
 
@@ -60,31 +60,17 @@ def _split_at_error(text: str) -> tuple[str, Optional[str]]:
     return text[:at], text[at:]
 
 
-def _replica_context() -> Any:
-    """Serve's context of this replica; None outside Serve (tests, notebooks)."""
-    try:
-        from ray import serve
-
-        return serve.get_replica_context()
-    except Exception:
-        return None
-
-
 def _admission(config: LLMConfig) -> Admission:
     """This replica's admission limits: Serve's max_ongoing_requests (the bind pattern may
     have set it in `.options()`), and the line the config asks the ingress to keep."""
-    context = _replica_context()
+    context = replica_context()
     return Admission.of(config, context._deployment_config.max_ongoing_requests if context else None)
 
 
 def _replica_name(model_id: str) -> str:
-    """Serve's name for this replica (deployment#id); outside Serve, the model id and a random suffix."""
-    context = _replica_context()
-    if context is not None:
-        return f"{context.deployment}#{context.replica_id.unique_id}"
     import uuid
 
-    return f"{model_id}#{uuid.uuid4().hex[:8]}"
+    return replica_name(outside_serve=f"{model_id}#{uuid.uuid4().hex[:8]}")
 
 
 class LLMServer:
@@ -270,7 +256,7 @@ class LLMServer:
         while not self._engine.is_dead():
             await asyncio.sleep(ENGINE_WATCH_PERIOD_S)
         logger.error("the engine of %s died; this replica stops serving and exits", self._config.model_id)
-        if _replica_context() is not None:
+        if replica_context() is not None:
             await asyncio.sleep(DEAD_REPLICA_EXIT_DELAY_S)
             # Serve replaces a replica whose process is gone as soon as it sees it;
             # a failing health check would take up to health_check_period_s more.

@@ -26,6 +26,7 @@ import time
 from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
+from llmserve import metrics
 from llmserve.config import LLMConfig
 from llmserve.engine import Endpoint, EngineOutput
 from llmserve.errors import BadRequestError, ModelNotFoundError
@@ -48,6 +49,7 @@ class FakeEngine:
         if ":" in body.get("model", "") and body["model"] not in self.adapters:
             raise ModelNotFoundError(f"The model `{body['model']}` does not exist.", param="model")
         words = _prompt_text(endpoint, body).split()[: int(body.get("max_tokens") or 16)]
+        metrics.engine_tokens(len(words), 0 if body.get("stream") else len(words))  # (a word is a token)
         if "fail:start" in words:
             raise RuntimeError("fake engine failure before output")
         if "fail:client" in words:
@@ -71,6 +73,7 @@ class FakeEngine:
                     yield f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n"
                     return
                 chunk = {"id": body["request_id"], "model": body["model"], "choices": [_choice(endpoint, word, delta=True)]}
+                metrics.engine_tokens(0, 1)
                 yield f"data: {json.dumps(chunk)}\n\n"
                 await asyncio.sleep(pause)
             yield "data: [DONE]\n\n"

@@ -25,6 +25,7 @@ from starlette.datastructures import State
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.launchers.cli_args import FrontendArgs
 
+from llmserve import metrics
 from llmserve.bodies import MULTIPART
 from llmserve.config import LLMConfig
 from llmserve.engine import API_PATHS, ENDPOINT_PATHS, BinaryOutput, Endpoint, EngineOutput
@@ -171,6 +172,7 @@ class VLLMEngine:
         )
         _end_with_this_process(_child_pids())
         self._count_aborts()
+        self._count_tokens()
         supported_tasks = await self._engine_client.get_supported_tasks()
         args = argparse.Namespace(**(vars(frontend_args) | vars(engine_args)))
         await init_app_state(self._engine_client, self._state, args, supported_tasks)
@@ -311,6 +313,33 @@ class VLLMEngine:
             return await abort(request_id, *args, **kwargs)
 
         client.abort = counting_abort
+
+    def _count_tokens(self) -> None:
+        # Every endpoint that generates goes through the client's generate: its
+        # outputs tell the answer being made (metrics.py) its prompt and output
+        # tokens, whatever the endpoint's own format says of them.
+        from vllm.sampling_params import RequestOutputKind
+
+        client = self._engine_client
+        generate = client.generate
+
+        async def counting_generate(prompt, sampling_params, request_id, *args, **kwargs):
+            cumulative = getattr(sampling_params, "output_kind", None) == RequestOutputKind.CUMULATIVE
+            outputs = generate(prompt, sampling_params, request_id, *args, **kwargs)
+            prompted, made = False, 0
+            try:
+                async for output in outputs:
+                    if not prompted and output.prompt_token_ids is not None:
+                        prompted = True
+                        metrics.engine_tokens(len(output.prompt_token_ids), 0)
+                    now = sum(len(one.token_ids) for one in output.outputs)
+                    metrics.engine_tokens(0, now - made if cumulative else now)
+                    made = now if cumulative else made + now
+                    yield output
+            finally:
+                await outputs.aclose()  # (closing this generator early must still abort the request)
+
+        client.generate = counting_generate
 
     async def stats(self) -> dict[str, int]:
         # The output processor drops a request when it finishes or is aborted,

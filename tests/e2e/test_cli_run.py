@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, TEST_ENGINE_KWARGS
+from tests.e2e import scrape
 from tests.e2e.conftest import BIN, ask, free_port, start, stop, wait_for_http, wait_for_line
 
 
@@ -52,6 +53,11 @@ def test_ray_serve_run_with_per_model_yaml(tiny_model_paths, tmp_path):
     try:
         wait_for_http(f"http://127.0.0.1:{port}/v1/models", process=process)
         assert ask(f"http://127.0.0.1:{port}", "from-yaml").model == "from-yaml"
+        # The same series as under `llmserve run`, at /metrics behind Serve's proxy (and in Ray's export).
+        answered = {"model": "from-yaml", "adapter": "", "endpoint": "chat", "status": "200"}
+        samples = scrape.wait_until(f"http://127.0.0.1:{port}", lambda s: scrape.total(s, "ray_llmserve_requests_total", **answered) >= 1)
+        assert scrape.total(samples, "ray_llmserve_requests_total", **answered) == 1
+        assert scrape.total(samples, "ray_llmserve_completion_tokens_total", model="from-yaml") > 0
     finally:
         stop(process, ours=False)
         log.close()

@@ -15,7 +15,7 @@ import yaml
 from llmserve.scripted_model import ANSWER, REASONING, TOOL_CALL, make_scripted_model
 from llmserve.tiny_model import make_tiny_vlm
 from tests.conftest import REPO, SPEECH_ENGINE_KWARGS, TEST_ENGINE_KWARGS
-from tests.e2e import surface
+from tests.e2e import scrape, surface
 from tests.e2e.fuzz import fuzz
 from tests.e2e.hostile import send_corpus, stalled_connections
 from tests.e2e.conftest import BIN, free_port, start, stop, wait_for_line
@@ -226,3 +226,43 @@ def test_hostile_requests_get_a_clear_4xx_and_the_app_keeps_serving(base_url):
     assert not wrong, wrong
     assert len(answers) >= 25
     assert requests.post(base_url + "/v1/completions", json={"model": "scripted", "prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 200
+
+
+def test_metrics_count_each_answer_with_its_tokens_and_times_beside_the_engines(base_url):
+    """/metrics on the app's port: the answers of the model replicas (handed the client's socket)
+    and of the ingress (unknown model), the tokens usage reports, and vLLM's engine series."""
+    sdk = surface.client(base_url)
+    ours = {"model": "smollm2", "adapter": ""}
+    before = scrape.scrape(base_url)
+    usages = [sdk.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0).usage for _ in range(2)]
+    stream = sdk.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Say hello"}], max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    usages += [chunk.usage for chunk in stream if chunk.usage]
+    assert requests.post(base_url + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=30).status_code == 404
+
+    def delta(samples, name, **labels):
+        return scrape.total(samples, name, **labels) - scrape.total(before, name, **labels)
+
+    wanted = {
+        ("ray_llmserve_requests_total", "completions", "200"): 2,
+        ("ray_llmserve_requests_total", "chat", "200"): 1,
+    }
+    after = scrape.wait_until(
+        base_url,
+        lambda samples: all(delta(samples, name, **ours, endpoint=endpoint, status=status) >= n for (name, endpoint, status), n in wanted.items())
+        and delta(samples, "ray_llmserve_completion_tokens_total", **ours) >= sum(u.completion_tokens for u in usages)
+        and delta(samples, "ray_llmserve_requests_total", model="", endpoint="completions", status="404") >= 1,
+    )
+    for (name, endpoint, status), n in wanted.items():
+        assert delta(after, name, **ours, endpoint=endpoint, status=status) == n, (endpoint, status)
+    assert delta(after, "ray_llmserve_requests_total", model="", endpoint="completions", status="404") == 1
+    assert delta(after, "ray_llmserve_prompt_tokens_total", **ours) == sum(u.prompt_tokens for u in usages)
+    assert delta(after, "ray_llmserve_completion_tokens_total", **ours) == sum(u.completion_tokens for u in usages)
+    assert delta(after, "ray_llmserve_time_to_first_token_seconds_count", **ours, endpoint="chat") == 1
+    assert 0 < delta(after, "ray_llmserve_time_to_first_token_seconds_sum", **ours, endpoint="chat") < 30
+    assert delta(after, "ray_llmserve_inter_token_latency_seconds_count", **ours, endpoint="chat") >= 1
+    assert delta(after, "ray_llmserve_request_duration_seconds_count", **ours, endpoint="completions") == 2
+    engine_series = {name for name in scrape.families(after) if name.startswith("ray_vllm_")}
+    assert {"ray_vllm_time_to_first_token_seconds_count", "ray_vllm_num_requests_running"} <= engine_series, sorted(engine_series)[:20]
+

@@ -1,0 +1,38 @@
+"""Reading an app's /metrics as Prometheus does (the prometheus_client parser)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+# Ray's export interval is 10 s: a value recorded now shows within two of them.
+SHOWS_WITHIN_S = 45.0
+
+
+def scrape(base_url: str) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of /metrics: (name, labels, value)."""
+    response = requests.get(base_url + "/metrics", timeout=30)
+    assert response.status_code == 200, response.text[:500]
+    return [(sample.name, sample.labels, sample.value) for family in text_string_to_metric_families(response.text) for sample in family.samples]
+
+
+def total(samples: list, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples that have ``labels`` (over processes, nodes and other labels)."""
+    return sum(value for sample_name, sample_labels, value in samples if sample_name == name and all(sample_labels.get(k) == v for k, v in labels.items()))
+
+
+def families(samples: list) -> set[str]:
+    return {name for name, _, _ in samples}
+
+
+def wait_until(base_url: str, holds: Callable[[list], bool], timeout_s: float = SHOWS_WITHIN_S) -> list:
+    """Scrape until ``holds`` (given the samples) or the time is up; the last samples."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = scrape(base_url)
+        if holds(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(2)
