@@ -2,8 +2,8 @@
 
 Keys come from the app's ``api_keys`` (``llmserve run --api-key``) and from the
 ``LLMSERVE_API_KEY`` environment variable (comma-separated; the place for a
-secret). Without keys the API is open. ``/health`` and ``/metrics`` are always open, so load
-balancers and Kubernetes probes need no key. A presented key is hashed and
+secret). Without keys the API is open. ``/health`` and ``/metrics`` are always
+open, so load balancers, Kubernetes probes and Prometheus need no key. A presented key is hashed and
 compared with every key in constant time, and no key is ever logged.
 
 Example::
