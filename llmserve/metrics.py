@@ -65,14 +65,13 @@ REQUEST_DURATION = Series(
 )  # fmt: skip
 PROMPT_TOKENS = Series("counter", "prompt_tokens", "Prompt tokens of the requests the engines ran.", ("model", "adapter"))
 COMPLETION_TOKENS = Series("counter", "completion_tokens", "Tokens the engines generated.", ("model", "adapter"))
-RUNNING = Series("gauge", "requests_running", "Requests a model replica is answering.", ("model", "replica"))
 QUEUED = Series("gauge", "requests_queued", "Requests waiting in an ingress's queue for a place on a replica.", ("model", "replica"))
 REJECTIONS = Series("counter", "rejections", "Requests refused because the model's queue was full (429).", ("model",))
 RETRIES = Series("counter", "retries", "Requests sent to another replica before anything was written (their replica declined or was gone).", ("model",))
 MIGRATIONS = Series("counter", "migrations", "Streams continued on another replica after theirs died mid-stream.", ("model",))
 # The labels of an answer to a request nobody could read, or not for a model.
 UNKNOWN_REQUEST = {"model": "", "adapter": "", "endpoint": ""}
-ALL_SERIES = (REQUESTS, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, REQUEST_DURATION, PROMPT_TOKENS, COMPLETION_TOKENS, RUNNING, QUEUED, REJECTIONS, RETRIES, MIGRATIONS)
+ALL_SERIES = (REQUESTS, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, REQUEST_DURATION, PROMPT_TOKENS, COMPLETION_TOKENS, QUEUED, REJECTIONS, RETRIES, MIGRATIONS)
 
 
 _ray_metrics: dict[str, Any] = {}

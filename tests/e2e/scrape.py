@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 # Ray's export interval is 10 s: a value recorded now shows within two of them.
 SHOWS_WITHIN_S = 45.0
+EXPORT_INTERVAL_S = 10.0
 
 
 def scrape(base_url: str) -> list[tuple[str, dict[str, str], float]]:
@@ -36,3 +37,20 @@ def wait_until(base_url: str, holds: Callable[[list], bool], timeout_s: float = 
         if holds(samples) or time.monotonic() > deadline:
             return samples
         time.sleep(2)
+
+
+def settled(base_url: str) -> list:
+    """The samples once what was recorded before now has all reached /metrics (two scrapes an
+    export interval apart agree on llmserve's series): a baseline later deltas can trust."""
+    last = _ours(scrape(base_url))
+    for _ in range(6):
+        time.sleep(EXPORT_INTERVAL_S + 1)
+        samples = scrape(base_url)
+        if _ours(samples) == last:
+            return samples
+        last = _ours(samples)
+    raise AssertionError("llmserve's series kept changing with no requests sent")
+
+
+def _ours(samples: list) -> dict:
+    return {(name, tuple(sorted(labels.items()))): value for name, labels, value in samples if name.startswith("ray_llmserve_") and not name.endswith("_queued")}

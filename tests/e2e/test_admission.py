@@ -15,6 +15,7 @@ import requests
 import yaml
 
 from tests.conftest import TEST_ENGINE_KWARGS
+from tests.e2e import scrape
 from tests.e2e.conftest import BIN, engine_stats, free_port, start, stop, wait_for_line
 
 RUNNING: dict = {}  # the `llmserve run` process, for the Ctrl-C test
@@ -86,6 +87,7 @@ def test_past_max_ongoing_requests_requests_wait_their_turn_and_all_succeed(base
 
 def test_past_max_queued_requests_the_rest_get_429_with_retry_after_at_once(base_url):
     complete(base_url, "bounded")
+    before = scrape.settled(base_url)
     answers, _ = at_once(base_url, "bounded", 3 * MAX_ONGOING * 2)
     served = [(response, seconds) for response, seconds in answers if response.status_code == 200]
     refused = [(response, seconds) for response, seconds in answers if response.status_code == 429]
@@ -98,6 +100,15 @@ def test_past_max_queued_requests_the_rest_get_429_with_retry_after_at_once(base
         assert response.json()["error"]["code"] == "rate_limit_exceeded"
     # Once the line is gone, the model serves again.
     assert complete(base_url, "bounded")[0].status_code == 200
+    # /metrics counts each refusal, as a rejection and as a 429 answer of the front door.
+    refusals = {"model": "bounded", "status": "429"}
+
+    def delta(samples, name, **labels):
+        return scrape.total(samples, name, **labels) - scrape.total(before, name, **labels)
+
+    after = scrape.wait_until(base_url, lambda samples: delta(samples, "ray_llmserve_requests_total", **refusals) >= len(refused))
+    assert delta(after, "ray_llmserve_requests_total", **refusals) == len(refused)
+    assert delta(after, "ray_llmserve_rejections_total", model="bounded") == len(refused)
 
 
 def test_a_client_leaving_mid_stream_aborts_its_engine_request(base_url):

@@ -233,7 +233,7 @@ def test_metrics_count_each_answer_with_its_tokens_and_times_beside_the_engines(
     and of the ingress (unknown model), the tokens usage reports, and vLLM's engine series."""
     sdk = surface.client(base_url)
     ours = {"model": "smollm2", "adapter": ""}
-    before = scrape.scrape(base_url)
+    before = scrape.settled(base_url)
     usages = [sdk.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0).usage for _ in range(2)]
     stream = sdk.chat.completions.create(
         model="smollm2", messages=[{"role": "user", "content": "Say hello"}], max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
