@@ -49,7 +49,6 @@ from llmserve.engine import ENDPOINT_PATHS
 from llmserve.errors import MAX_DECLINES, RETRY_ELSEWHERE_HEADER, ReplicaUnavailableError, ServiceUnavailableError, TooManyRequestsError
 from llmserve.handoff import HandoffListener, address_for
 from llmserve.migration import DEFAULT_MAX_MIGRATIONS
-from llmserve.metrics import ARRIVED_HEADER
 from llmserve.placement import Admission, replica_name
 from llmserve.responses import REPLICA_HEADER, REQUEST_ID_HEADER, ApiRequest, backend_failure, error_response, stream_ending
 
@@ -68,7 +67,6 @@ LEASE_OWNER_CHECK_S = 5.0
 # them, so the ingress never sends on a connection the replica is closing.
 REPLICA_KEEP_ALIVE_S = 75
 INGRESS_KEEP_ALIVE_S = 15
-# Which replica answered: every response carries its name.
 # A replica that holds a request's adapter is preferred while it has at most
 # this many more requests in flight than the least busy one; past that, the
 # least busy replica loads the adapter too.
@@ -296,7 +294,7 @@ class ReplicaRelay:
         return StreamingResponse(relayed, status_code=upstream.status, media_type="text/event-stream", headers=headers)
 
     async def _send(self, adapter: Optional[str], request: ApiRequest) -> tuple[Any, Callable[[], None]]:
-        headers = {"content-type": request.content_type, REQUEST_ID_HEADER: request.request_id, ARRIVED_HEADER: f"{time.time():.6f}"}
+        headers = {"content-type": request.content_type, REQUEST_ID_HEADER: request.request_id, metrics.ARRIVED_HEADER: f"{time.time():.6f}"}
         path = ENDPOINT_PATHS[request.endpoint]
         import aiohttp
 

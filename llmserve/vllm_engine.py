@@ -326,15 +326,16 @@ class VLLMEngine:
         async def counting_generate(prompt, sampling_params, request_id, *args, **kwargs):
             cumulative = getattr(sampling_params, "output_kind", None) == RequestOutputKind.CUMULATIVE
             outputs = generate(prompt, sampling_params, request_id, *args, **kwargs)
-            prompted, made = False, 0
+            prompted, counted = False, 0  # (counted: of a cumulative output's tokens)
             try:
                 async for output in outputs:
                     if not prompted and output.prompt_token_ids is not None:
                         prompted = True
                         metrics.engine_tokens(len(output.prompt_token_ids), 0)
-                    now = sum(len(one.token_ids) for one in output.outputs)
-                    metrics.engine_tokens(0, now - made if cumulative else now)
-                    made = now if cumulative else made + now
+                    carried = sum(len(one.token_ids) for one in output.outputs)
+                    metrics.engine_tokens(0, carried - counted)
+                    if cumulative:
+                        counted = carried
                     yield output
             finally:
                 await outputs.aclose()  # (closing this generator early must still abort the request)
