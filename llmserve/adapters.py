@@ -2,12 +2,10 @@
 
 ``lora_config.dynamic_lora_loading_path`` is ``s3://bucket/prefix``,
 ``gs://bucket/prefix``, ``file:///dir`` or a plain directory; adapter ``name``
-is the peft folder ``PATH/name``. Remote schemes go through fsspec (s3fs for
-S3, configured by the standard AWS environment variables: AWS_ENDPOINT_URL,
-AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION; gcsfs for GCS).
-A remote adapter is downloaded once per node into a cache directory shared by
-the node's replicas (a file lock makes concurrent replicas wait for the first
-download); concurrent first requests in one replica share one download.
+is the peft folder ``PATH/name``. A remote adapter is mirrored once per node
+(``storage.FolderMirror``: fsspec, the standard credential variables, one
+download under a lock, never a partial copy); concurrent first requests in one
+replica share one download.
 
 Names are checked before any file or bucket is touched: a name is one path
 segment of letters, digits, ``.``, ``_`` and ``-`` (not ``.`` or ``..``).
@@ -27,19 +25,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 from llmserve.config import LoraConfig
-from llmserve.errors import BadRequestError, LLMServeError, ModelNotFoundError, ServiceUnavailableError
+from llmserve.errors import (
+    BadRequestError,
+    FolderMissingError,
+    LLMServeError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+    StorageError,
+)
+from llmserve.storage import FolderMirror, cache_root, filesystem, protocols
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -55,20 +56,15 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmserve" / "adapters"
-
-
 class AdapterStore:
     """Lists and fetches the adapters under one ``dynamic_lora_loading_path``."""
 
     def __init__(self, lora_config: LoraConfig, cache_dir: Optional[Path] = None):
         self._config = lora_config
         self._root_url = lora_config.dynamic_lora_loading_path.rstrip("/")
-        self._fs, self._root = _filesystem(self._root_url)
-        self._is_local = "file" in _protocols(self._fs)
-        digest = hashlib.sha256(self._root_url.encode()).hexdigest()[:16]
-        self._cache = (cache_dir or cache_root()) / digest
+        self._fs, self._root = filesystem(self._root_url)
+        self._is_local = "file" in protocols(self._fs)
+        self._cache = cache_dir or cache_root("adapters")
         self._fetching: dict[str, asyncio.Future] = {}
 
     async def names(self) -> list[str]:
@@ -103,10 +99,17 @@ class AdapterStore:
         return int(config.get("r", 0))
 
     async def _download_with_retries(self, name: str) -> str:
+        mirror = FolderMirror(self._remote_url(name), self._cache)
         tries = max(1, self._config.max_download_tries)
         for attempt in range(tries):
             try:
-                return await asyncio.wait_for(asyncio.to_thread(self._download, name), self._config.download_timeout_s)
+                # An adapter's files never change under its name: a finished copy is used without asking the bucket.
+                download = asyncio.to_thread(mirror.mirror, recheck=False, required=ADAPTER_CONFIG)
+                return (await asyncio.wait_for(download, self._config.download_timeout_s)).path
+            except FolderMissingError as exc:
+                raise _not_found(name, self._root_url) from exc
+            except StorageError as exc:
+                raise ServiceUnavailableError(f"Could not download adapter {name!r}: {exc}") from exc
             except LLMServeError:
                 raise
             except Exception as exc:
@@ -117,45 +120,11 @@ class AdapterStore:
                 await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
         raise AssertionError("unreachable")
 
-    def _download(self, name: str) -> str:
-        target = self._cache / name
-        self._cache.mkdir(parents=True, exist_ok=True)
-        with open(self._cache / f".{name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node; the others find it done
-            if (target / ADAPTER_CONFIG).exists():
-                return str(target)
-            for stale in self._cache.glob(f".{name}+*"):
-                # Partial downloads of a process killed mid-way (it held the lock, and we hold it now).
-                shutil.rmtree(stale, ignore_errors=True)
-            if not self._fs.exists(self._remote(name, ADAPTER_CONFIG)):
-                raise _not_found(name, self._root_url)
-            # "+" is in no adapter name: these folders are this adapter's alone.
-            partial = Path(tempfile.mkdtemp(prefix=f".{name}+", dir=self._cache))
-            try:
-                for remote_file in self._fs.find(self._remote(name)):
-                    relative = remote_file[len(self._remote(name)) :].lstrip("/")
-                    destination = partial / relative
-                    destination.parent.mkdir(parents=True, exist_ok=True)
-                    self._fs.get_file(remote_file, str(destination))
-                partial.rename(target)
-            finally:
-                shutil.rmtree(partial, ignore_errors=True)
-        return str(target)
-
     def _remote(self, name: str, *parts: str) -> str:
         return "/".join([self._root, name, *parts])
 
-
-def _filesystem(url: str) -> tuple[Any, str]:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url)
-    return fs, root.rstrip("/")
-
-
-def _protocols(fs: Any) -> tuple[str, ...]:
-    protocol = fs.protocol
-    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+    def _remote_url(self, name: str) -> str:
+        return f"{self._root_url}/{name}"
 
 
 def _not_found(name: str, root_url: str) -> ModelNotFoundError:

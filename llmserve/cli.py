@@ -260,6 +260,20 @@ def _show_deployments(apps: dict[str, Any], last_line: dict[str, str], started: 
                 last_line[name] = line
 
 
+def _show_downloads(last_line: dict[str, str], started: float) -> None:
+    """A line per model download (weights from a bucket) whose progress changed since ``last_line``."""
+    from llmserve.storage import downloads_since
+
+    try:
+        downloads = downloads_since(time.time() - (time.monotonic() - started))
+    except Exception:  # progress is a courtesy; the deployment status still shows
+        return
+    for key, line in downloads.items():
+        if last_line.get(key) != line:
+            print(f"llmserve: [{time.monotonic() - started:6.1f}s] {key.split('@')[0]}: {line}", flush=True)
+            last_line[key] = line
+
+
 def _wait_until_running(timeout: float, started: float, last_line: dict[str, str]) -> bool:
     """Print each deployment's progress until all run; False on failure or timeout."""
     from ray import serve
@@ -268,6 +282,7 @@ def _wait_until_running(timeout: float, started: float, last_line: dict[str, str
         apps = serve.status().applications
         all_running = bool(apps)
         _show_deployments(apps, last_line, started)
+        _show_downloads(last_line, started)
         for app_name, app in apps.items():
             if app.status.value in ("DEPLOY_FAILED", "UNHEALTHY"):
                 print(f"llmserve: application {app_name!r} failed: {app.message}", file=sys.stderr, flush=True)
@@ -297,6 +312,7 @@ def _show_changes_until_interrupted(started: float, last_line: dict[str, str]) -
         while True:
             try:
                 _show_deployments(serve.status().applications, last_line, started)
+                _show_downloads(last_line, started)
             except KeyboardInterrupt:
                 raise
             except Exception:  # the controller is being replaced: ask again next time

@@ -73,6 +73,14 @@ class ConfigError(LLMServeError, ValueError):
     error_type = "configuration_error"
 
 
+class StorageError(ConfigError):
+    """A folder in object storage cannot be read: no credentials for it, or access denied."""
+
+
+class FolderMissingError(StorageError):
+    """A folder in object storage is not there: no such bucket, or no files under the prefix."""
+
+
 class BadRequestError(LLMServeError):
     status_code = 400
     error_type = "invalid_request_error"

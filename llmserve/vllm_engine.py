@@ -31,6 +31,7 @@ from llmserve.config import LLMConfig
 from llmserve.engine import API_PATHS, ENDPOINT_PATHS, BinaryOutput, Endpoint, EngineOutput
 from llmserve.errors import BadRequestError, ConfigError, EngineError, error_for_status
 from llmserve.ray_llm_compat import with_named_json_schema, with_reasoning_content
+from llmserve.storage import mirror_weights
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class VLLMEngine:
 
         source = self._config.model_loading_config.model_source
         if not isinstance(source, str):
-            raise ConfigError(f"model_source {source.bucket_uri!r}: object-storage weights are not supported yet")
+            source = await asyncio.to_thread(mirror_weights, self._config.model_id, source.bucket_uri)
         kwargs = resolve_engine_kwargs(self._config, source)
         engine_args, frontend_args = split_engine_kwargs(kwargs)
         _bound_engine_spin_waits()

@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -78,6 +79,31 @@ def local_s3():
         yield credentials, client
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def s3_requests():
+    """Every request the moto servers of this process answer, as "METHOD /path" (from werkzeug's access log)."""
+    import logging
+
+    seen: list[str] = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            # '127.0.0.1 - - [date] "GET /bucket/key HTTP/1.1" 200 -', coloured for 4xx/5xx
+            request = re.search(r'"(\w+ \S+) HTTP', re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()))
+            if request:
+                seen.append(request.group(1))
+
+    logger = logging.getLogger("werkzeug")
+    handler, level = Record(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 _IN_RUNNING_RAY = """

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import boto3
@@ -84,23 +85,25 @@ def test_s3_adapters_are_listed_and_downloaded_once(s3_root, tmp_path):
 
     first, second = asyncio.run(go())
     assert first == second
-    assert json.loads((tmp_path / "cache").glob("*/sql/adapter_config.json").__next__().read_text())["r"] == 8
+    assert json.loads(Path(first, "adapter_config.json").read_text())["r"] == 8
     s3_root.delete_object(Bucket="models", Key="lora/sql/adapter_config.json")
-    assert asyncio.run(store.fetch("sql")) == first  # the node's copy is reused
+    assert asyncio.run(store.fetch("sql")) == first  # the node's copy is reused without asking the bucket
     with pytest.raises(ModelNotFoundError):
         asyncio.run(store.fetch("missing"))
 
 
 def test_a_download_killed_mid_way_leaves_nothing_that_is_used_or_kept(s3_root, tmp_path):
     store = AdapterStore(LoraConfig(dynamic_lora_loading_path="s3://models/lora/"), cache_dir=tmp_path / "cache")
-    cache = store._cache
-    # What a replica killed while downloading leaves: a partial folder, no finished one.
-    (cache / ".sql+killed" / "adapter_config.json").parent.mkdir(parents=True)
-    (cache / ".sql+killed" / "adapter_config.json").write_text("{trunc")
-    (cache / ".sql-2+busy").mkdir()  # another adapter's download in progress: not ours to touch
+    first = Path(asyncio.run(store.fetch("chat")))
+    # What a replica killed while downloading "sql" leaves: a partial folder, no finished one.
+    sql_dir = Path(asyncio.run(store.fetch("sql"))).parent
+    shutil.rmtree(sql_dir)
+    (sql_dir / ".partial+killed").mkdir(parents=True)
+    (sql_dir / ".partial+killed" / "adapter_config.json").write_text("{trunc")
     local_dir = asyncio.run(store.fetch("sql"))
     assert json.loads(Path(local_dir, "adapter_config.json").read_text())["r"] == 8
-    assert sorted(path.name for path in cache.iterdir() if path.is_dir()) == [".sql-2+busy", "sql"]
+    assert not (sql_dir / ".partial+killed").exists()
+    assert first.exists()  # another adapter's copy is not this download's to touch
 
 
 def test_lru_keeps_at_most_n_and_never_evicts_one_in_use(local_root):
