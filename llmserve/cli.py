@@ -7,6 +7,7 @@ Examples::
 
     llmserve run examples/config.yaml --port 8000
     llmserve run --model Qwen/Qwen2.5-0.5B-Instruct --model-id qwen
+    llmserve gen-config            # see llmserve/gen_config.py
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ DEFAULT_BUILDER = "llmserve:build_openai_app"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gen-config"]:  # its own flags and prompts: llmserve/gen_config.py
+        from llmserve import gen_config
+
+        return gen_config.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command != "run":
@@ -67,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         "--api-key`); LLMSERVE_API_KEY holds keys without putting them on the command line",
     )
     run_cmd.add_argument("--ready-timeout", type=float, default=1800, help="seconds to wait for models to load")
+    commands.add_parser("gen-config", help="write a model config and a Serve config, from prompts or flags", add_help=False)
     return parser
 
 
