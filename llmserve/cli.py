@@ -16,6 +16,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -72,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
         help="require `Authorization: Bearer KEY` on every API route but /health (repeatable; as `vllm serve "
         "--api-key`); LLMSERVE_API_KEY holds keys without putting them on the command line",
     )
+    run_cmd.add_argument(
+        "--access-log",
+        metavar="FILE",
+        help="a line per answer (request id, model, adapter, status, tokens, TTFT, duration, replica) appended to "
+        "FILE, or shown here with `-`, by every process of a Ray this command starts (else each replica's Serve log)",
+    )
+    run_cmd.add_argument("--access-log-format", choices=["text", "json"], default="text", help="key=value text or JSON lines")
     run_cmd.add_argument("--ready-timeout", type=float, default=1800, help="seconds to wait for models to load")
     commands.add_parser("gen-config", help="write a model config and a Serve config, from prompts or flags", add_help=False)
     return parser
@@ -179,6 +187,43 @@ def _configure_local_serve(serve_proxy: str) -> None:
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 
 
+def _configure_access_log(target: str, log_format: str, started_ray: bool) -> None:
+    """Every process of the Ray about to start appends its access lines to one file per node
+    (access_log.py); ``-`` has this command show them as they come."""
+    from llmserve import access_log
+
+    if not started_ray:
+        print(
+            f"llmserve: --access-log applies to a Ray this command starts; on a running cluster set "
+            f"{access_log.PATH_ENV} in its environment or the models' runtime_env",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    if target == "-":
+        import tempfile
+
+        handle, target = tempfile.mkstemp(prefix="llmserve-access-", suffix=".log")
+        os.close(handle)
+        threading.Thread(target=_show_lines_of, args=(target,), daemon=True, name="access-log").start()
+    os.environ[access_log.PATH_ENV] = str(Path(target).resolve())
+    os.environ[access_log.FORMAT_ENV] = log_format
+
+
+def _show_lines_of(path: str) -> None:
+    partial = b""
+    with open(path, "rb") as lines:
+        while True:
+            chunk = lines.read(65536)
+            if not chunk:
+                time.sleep(0.2)
+                continue
+            *whole, partial = (partial + chunk).split(b"\n")  # a line still being written waits for its end
+            if whole:
+                sys.stdout.write("".join(line.decode("utf-8", "replace") + "\n" for line in whole))
+                sys.stdout.flush()
+
+
 def run(args: argparse.Namespace) -> int:
     if args.config:
         config_path = Path(args.config).resolve()
@@ -196,6 +241,8 @@ def run(args: argparse.Namespace) -> int:
     use_front_door = started_ray and args.proxy == "llmserve" and _can_use_front_door(config)
     if started_ray:
         _configure_local_serve("none" if use_front_door else "ray" if args.proxy == "ray" else "haproxy")
+    if args.access_log:
+        _configure_access_log(args.access_log, args.access_log_format, started_ray)
     front_door = {"host": host, "port": port} if use_front_door else None
     applications = build_applications(config, base_dir, front_door, args.api_key)  # config errors surface before Ray starts
     reservation = None

@@ -36,7 +36,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 import httptools
 
-from llmserve import metrics
+from llmserve import access_log, metrics
 from llmserve.errors import (
     MAX_DECLINES,
     RETRY_ELSEWHERE_HEADER,
@@ -394,7 +394,8 @@ class _ClientConnection(asyncio.Protocol):
         except Exception as exc:  # before anything was written to the client
             if upstream is not None:
                 upstream.done()
-            self._answer_and_close(_failure(exc, upstream.request_id if upstream else None), request.labels)
+            request_id = upstream.request_id if upstream else None
+            self._answer_and_close(_failure(exc, request_id), request, request_id)
             return False
         if isinstance(outcome, Resume):
             return await self._continue_stream(request, upstream, outcome)
@@ -527,9 +528,15 @@ class _ClientConnection(asyncio.Protocol):
             upstream.done()
             return None
 
-    def _answer_and_close(self, error: LLMServeError, labels: Optional[dict[str, str]] = None) -> None:
+    def _answer_and_close(self, error: LLMServeError, request: Optional[HttpRequest] = None, request_id: Optional[str] = None) -> None:
         """Answer ``error`` and close: the front door's own answers (the rest are counted where made)."""
-        metrics.record(metrics.REQUESTS, 1, **(labels or metrics.UNKNOWN_REQUEST), status=str(error.status_code))
+        labels = request.labels if request is not None else metrics.UNKNOWN_REQUEST
+        metrics.record(metrics.REQUESTS, 1, **labels, status=str(error.status_code))
+        arrived = request.arrived if request is not None and request.arrived else time.time()
+        access_log.write(
+            request_id=request_id, **labels, status=error.status_code, prompt_tokens=0, completion_tokens=0,
+            duration_s=time.time() - arrived, migrated=False,
+        )  # fmt: skip
         body = error.to_json_bytes()
         extra = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in error.headers().items())
         head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n"

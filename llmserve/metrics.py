@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from llmserve.migration import CONTINUES_HEADER, StreamCut
-from llmserve.responses import REPLICA_HEADER
+from llmserve import access_log
+from llmserve.responses import REPLICA_HEADER, REQUEST_ID_HEADER
 
 # Set by an ingress on what it sends to a model replica: the Unix time it got the request.
 ARRIVED_HEADER = "x-llmserve-arrived"
@@ -129,13 +130,14 @@ def _record_here(series: Series, value: float, tags: dict[str, str]) -> None:
 
 
 _ARRIVED, _CONTINUES, _REPLICA = ARRIVED_HEADER.encode(), CONTINUES_HEADER.encode(), REPLICA_HEADER.encode()
+_REQUEST_ID = REQUEST_ID_HEADER.encode()
 _answer: contextvars.ContextVar[Optional["Answer"]] = contextvars.ContextVar("llmserve_answer", default=None)
 
 
 class Answer:
     """One API answer this process is making: what it is for, when it was written, its tokens."""
 
-    __slots__ = ("endpoint", "model", "adapter", "arrived", "continues", "status", "relayed", "streaming", "first_write", "last_write", "tokens_written", "prompt_tokens", "completion_tokens")
+    __slots__ = ("endpoint", "model", "adapter", "arrived", "continues", "status", "request_id", "relayed", "streaming", "first_write", "last_write", "tokens_written", "prompt_tokens", "completion_tokens")
 
     def __init__(self, endpoint: str, arrived: float, continues: bool):
         self.endpoint = endpoint
@@ -144,6 +146,7 @@ class Answer:
         self.arrived = arrived
         self.continues = continues  # the rest of a stream begun at another replica
         self.status: Optional[int] = None
+        self.request_id: Optional[str] = None
         self.relayed = False  # the answer came from a model replica, which counted it
         self.streaming = False
         self.first_write: Optional[float] = None
@@ -158,6 +161,8 @@ class Answer:
             name = name.lower()
             if name == _REPLICA:
                 self.relayed = True
+            elif name == _REQUEST_ID:
+                self.request_id = value.decode("latin-1")
             elif name == b"content-type":
                 self.streaming = value.startswith(b"text/event-stream")
 
@@ -170,7 +175,7 @@ class Answer:
         if self.first_write is None:
             self.first_write = now
             if not self.continues:  # (a continuation's first write is not its request's first token)
-                record(TIME_TO_FIRST_TOKEN, max(0.0, now - self.arrived), **self._labels())
+                record(TIME_TO_FIRST_TOKEN, self._ttft(), **self._labels())
         elif carried:
             record(INTER_TOKEN_LATENCY, (now - self.last_write) / carried, **self._labels())
         self.last_write = now
@@ -184,10 +189,21 @@ class Answer:
             record(PROMPT_TOKENS, self.prompt_tokens, model=self.model, adapter=self.adapter)
         if self.completion_tokens:
             record(COMPLETION_TOKENS, self.completion_tokens, model=self.model, adapter=self.adapter)
-        if moved or self.status is None:
+        if self.status is None:
             return
-        record(REQUESTS, 1, **labels, status=str(self.status))
-        record(REQUEST_DURATION, max(0.0, time.time() - self.arrived), **labels)
+        duration = max(0.0, time.time() - self.arrived)
+        access_log.write(
+            request_id=self.request_id, **labels, status=self.status, prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens, ttft_s=self._ttft(), duration_s=duration, migrated=moved,
+        )  # fmt: skip
+        if not moved:
+            record(REQUESTS, 1, **labels, status=str(self.status))
+            record(REQUEST_DURATION, duration, **labels)
+
+    def _ttft(self) -> Optional[float]:
+        if not self.streaming or self.continues or self.first_write is None:
+            return None
+        return max(0.0, self.first_write - self.arrived)
 
     def _labels(self) -> dict[str, str]:
         return {"model": self.model, "adapter": self.adapter, "endpoint": self.endpoint}

@@ -5,8 +5,11 @@
 Each command starts (and stops) its own local Ray, as a user's would.
 """
 
+import json
 import socket
 import subprocess
+
+import openai
 
 import pytest
 import yaml
@@ -23,17 +26,35 @@ def no_ray_in_this_process():
     ray.shutdown()
 
 
-def test_llmserve_run_with_one_model(tiny_model_paths, tmp_path):
+def test_llmserve_run_with_one_model_shows_an_access_line_per_answer(tiny_model_paths, tmp_path):
     port = free_port()
     log_path = tmp_path / "single.log"
-    command = [str(BIN / "llmserve"), "run", "--model", tiny_model_paths["tiny-b"], "--model-id", "solo", "--port", str(port)]
+    command = [str(BIN / "llmserve"), "run", "--model", tiny_model_paths["tiny-b"], "--model-id", "solo", "--port", str(port),
+               "--access-log", "-", "--access-log-format", "json"]  # fmt: skip
     process, log = start(command, tmp_path, log_path)
     try:
         wait_for_line(log_path, "ready in", process)
-        assert ask(f"http://127.0.0.1:{port}", "solo").model == "solo"
+        url = f"http://127.0.0.1:{port}"
+        assert ask(url, "solo").model == "solo"
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(
+            model="solo", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, stream=True,
+            stream_options={"include_usage": True}, extra_headers={"x-request-id": "cli-stream"},
+        )  # fmt: skip
+        usage = [chunk.usage for chunk in stream if chunk.usage][0]
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="nope", prompt="x", max_tokens=1)
+        output = wait_for_line(log_path, '"model":""', process, timeout=60)
     finally:
         stop(process)
         log.close()
+    entries = [json.loads(line) for line in output.splitlines() if line.startswith('{"time"')]
+    assert [(entry["model"], entry["endpoint"], entry["status"]) for entry in entries] == [("solo", "chat", 200), ("solo", "chat", 200), ("", "completions", 404)]
+    streamed = entries[1]
+    assert streamed["request_id"] == "cli-stream" and streamed["replica"].startswith("LLMServer:solo#")
+    assert (streamed["prompt_tokens"], streamed["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
+    assert 0 < streamed["ttft_s"] <= streamed["duration_s"] and entries[0]["ttft_s"] is None
+    assert entries[2]["replica"].startswith("OpenAiIngress#")  # the ingress's own answer
 
 
 def test_ray_serve_run_with_per_model_yaml(tiny_model_paths, tmp_path):
