@@ -47,6 +47,7 @@ def write(**fields: Any) -> None:
     """One access line with ``fields`` (those of ``FIELDS``; ``time`` and ``replica`` are filled in)."""
     try:
         fields = {"time": _utc(time.time()), **fields, "replica": _this_replica()}
+        fields = {name: round(value, 6) if isinstance(value, float) else value for name, value in fields.items()}
         line = _formatted({name: fields.get(name) for name in FIELDS})
         target = _target()
         if target is None:
