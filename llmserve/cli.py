@@ -8,6 +8,7 @@ Examples::
     llmserve run examples/config.yaml --port 8000
     llmserve run --model Qwen/Qwen2.5-0.5B-Instruct --model-id qwen
     llmserve gen-config            # see llmserve/gen_config.py
+    llmserve dashboard --prometheus http://localhost:9090 --out llmserve.png
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         from llmserve import gen_config
 
         return gen_config.main(argv[1:])
+    if argv[:1] == ["dashboard"]:  # llmserve/dashboard.py
+        from llmserve import dashboard
+
+        return dashboard.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command != "run":
@@ -82,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--access-log-format", choices=["text", "json"], default="text", help="key=value text or JSON lines")
     run_cmd.add_argument("--ready-timeout", type=float, default=1800, help="seconds to wait for models to load")
     commands.add_parser("gen-config", help="write a model config and a Serve config, from prompts or flags", add_help=False)
+    commands.add_parser("dashboard", help="draw the dashboard's panels from a Prometheus to a PNG", add_help=False)
     return parser
 
 
