@@ -109,12 +109,12 @@ def build_openai_app_at(
     """``build_openai_app`` with relative paths looked up in ``base_dir`` first (a config file's
     folder), and optionally with the ingress listening on ``front_door`` (host, port) itself."""
     args = LLMServingArgs.model_validate(builder_config)
-    deployments = [
-        LLMServer.as_deployment(config.get_serve_options(name_prefix=DEPLOYMENT_NAME_PREFIX)).bind(config)
-        for config in args.load_configs(base_dir)
-    ]
+    configs = args.load_configs(base_dir)
+    deployments = [LLMServer.as_deployment(config.get_serve_options(name_prefix=DEPLOYMENT_NAME_PREFIX)).bind(config) for config in configs]
     ingress = OpenAiIngress.as_deployment(args.ingress_deployment_config)
-    options: dict[str, Any] = {"api_keys": args.api_keys} if args.api_keys else {}
+    options: dict[str, Any] = {"llm_configs": configs}
+    if args.api_keys:
+        options["api_keys"] = args.api_keys
     if front_door:
         options["front_door"] = front_door
     return ingress.bind(deployments, **options)

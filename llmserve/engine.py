@@ -123,8 +123,9 @@ class Engine(Protocol):
     async def unload_adapter(self, model_name: str) -> None:
         """Forget adapter ``model_name``; requests for it fail until it is loaded again."""
 
-    async def stats(self) -> dict[str, int]:
-        """Live counters; ``requests_in_engine`` is how many requests the engine holds now."""
+    async def stats(self) -> dict[str, float]:
+        """Live counters; ``requests_in_engine`` is how many requests the engine holds now,
+        ``engine_running`` and ``engine_waiting`` its scheduler's, ``kv_cache_usage`` (0-1) its cache's."""
 
     def shutdown(self) -> None:
         """Release the engine's processes and memory."""

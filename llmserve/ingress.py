@@ -274,11 +274,17 @@ class OpenAiIngress:
     """
 
     async def __init__(
-        self, llm_deployments: list[Any], front_door: Optional[dict[str, Any]] = None, api_keys: Optional[list[str]] = None
+        self,
+        llm_deployments: list[Any],
+        front_door: Optional[dict[str, Any]] = None,
+        api_keys: Optional[list[str]] = None,
+        llm_configs: Optional[list[Any]] = None,
     ):
         log_into_serve_replica_log()
         self._keys = ApiKeys.configured(api_keys or ())
-        configs = await asyncio.gather(*(handle.llm_config.remote() for handle in llm_deployments))
+        # build_openai_app says which config each deployment serves. Asking the deployments
+        # instead (the bind pattern) waits for a replica of each, and wakes one scaled to zero.
+        configs = llm_configs or await asyncio.gather(*(handle.llm_config.remote() for handle in llm_deployments))
         relays = {config.model_id: _relay_for(config, handle) for config, handle in zip(configs, llm_deployments)}
         self._router = ModelRouter(relays)
         self._door: Optional[FrontDoor] = None

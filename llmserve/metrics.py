@@ -22,6 +22,7 @@ this process, for ``recorded``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import time
 from dataclasses import dataclass
@@ -175,7 +176,9 @@ class Answer:
         if self.first_write is None:
             self.first_write = now
             if not self.continues:  # (a continuation's first write is not its request's first token)
-                record(TIME_TO_FIRST_TOKEN, self._ttft(), **self._labels())
+                ttft = self._ttft()
+                record(TIME_TO_FIRST_TOKEN, ttft, **self._labels())
+                _recent_ttfts.append((now, ttft))
         elif carried:
             record(INTER_TOKEN_LATENCY, (now - self.last_write) / carried, **self._labels())
         self.last_write = now
@@ -207,6 +210,19 @@ class Answer:
 
     def _labels(self) -> dict[str, str]:
         return {"model": self.model, "adapter": self.adapter, "endpoint": self.endpoint}
+
+
+# This process's latest first-token times (Unix time written, seconds), for the autoscaling policy.
+_recent_ttfts: "collections.deque[tuple[float, float]]" = collections.deque(maxlen=4096)
+
+
+def recent_ttft_quantile(quantile: float, window_s: float) -> Optional[float]:
+    """The ``quantile`` of this process's times to first token over the last ``window_s``; None without any."""
+    since = time.time() - window_s
+    recent = sorted(ttft for written, ttft in _recent_ttfts if written >= since)
+    if not recent:
+        return None
+    return recent[min(len(recent) - 1, int(quantile * len(recent)))]
 
 
 def answering(model: str, adapter: Optional[str]) -> None:

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
+from llmserve.autoscaling import llm_autoscaling_config
 from llmserve.config import BackpressureConfig
 
 if TYPE_CHECKING:
@@ -54,6 +55,10 @@ def serve_options(config: "LLMConfig", *, name_prefix: str) -> dict[str, Any]:
     # fewer than the bound. Serve's own queue stays unbounded behind it.
     options.pop("max_queued_requests", None)
     options.pop("max_stream_migrations", None)  # the front door's to apply (migration.py)
+    auto = options.get("num_replicas") == "auto"
+    if auto or options.get("autoscaling_config") is not None:
+        options["autoscaling_config"] = llm_autoscaling_config(options.get("autoscaling_config"), options["max_ongoing_requests"], auto)
+        options.pop("num_replicas", None)
     actor_options = dict(options.get("ray_actor_options") or {})
     if config.runtime_env:
         actor_options["runtime_env"] = {**config.runtime_env, **actor_options.get("runtime_env", {})}

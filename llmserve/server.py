@@ -23,6 +23,7 @@ import logging
 import os
 from typing import Any, AsyncIterator, Optional, Union
 
+from llmserve import autoscaling, metrics
 from llmserve.coalesce import coalesced
 from llmserve.config import LLMConfig
 from llmserve.engine import BinaryOutput, Endpoint, Engine
@@ -271,6 +272,16 @@ class LLMServer:
         if self._adapters is not None:
             stats.update(adapters_held=self._adapters.held, adapter_loads=self._adapters.loads, adapter_evictions=self._adapters.evictions)
         return stats
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What this replica tells Serve's autoscaler besides requests in flight (autoscaling.TtftPolicy)."""
+        stats = await self._engine.stats()
+        ttft = metrics.recent_ttft_quantile(0.9, autoscaling.TTFT_WINDOW_S)
+        return {
+            autoscaling.TTFT_P90: ttft or 0.0,
+            autoscaling.ENGINE_WAITING: float(stats.get("engine_waiting", 0)),
+            autoscaling.KV_CACHE_USAGE: float(stats.get("kv_cache_usage", 0.0)),
+        }
 
     async def check_health(self) -> None:
         await self._engine.check_health()

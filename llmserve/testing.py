@@ -114,8 +114,8 @@ class FakeEngine:
     async def unload_adapter(self, model_name: str) -> None:
         self.adapters.pop(model_name, None)
 
-    async def stats(self) -> dict[str, int]:
-        return {"requests_in_engine": self.open_streams, "requests_aborted": 0}
+    async def stats(self) -> dict[str, float]:
+        return {"requests_in_engine": self.open_streams, "requests_aborted": 0, "engine_running": self.open_streams, "engine_waiting": 0, "kv_cache_usage": 0.0}
 
     def shutdown(self) -> None:
         self.started = False

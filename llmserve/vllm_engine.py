@@ -141,6 +141,7 @@ class VLLMEngine:
     def __init__(self, config: LLMConfig):
         self._config = config
         self._aborted = 0
+        self._load = _EngineLoad()
         self._engine_client = None
         self._state = State()
         self._handlers: dict[str, tuple[pydantic.TypeAdapter, Any, _Route]] = {}
@@ -186,11 +187,12 @@ class VLLMEngine:
         freeze_gc_heap()
 
     def _stat_loggers(self):
-        if not self._config.log_engine_metrics:
-            return None
-        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+        loggers = [_load_logger(self._load)]
+        if self._config.log_engine_metrics:
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-        return [RayPrometheusStatLogger]
+            loggers.append(RayPrometheusStatLogger)
+        return loggers
 
     def _endpoint_handlers(self) -> dict[str, tuple[pydantic.TypeAdapter, Any, "_Route"]]:
         handlers = {}
@@ -343,16 +345,48 @@ class VLLMEngine:
 
         client.generate = counting_generate
 
-    async def stats(self) -> dict[str, int]:
+    async def stats(self) -> dict[str, float]:
         # The output processor drops a request when it finishes or is aborted,
         # at the same time as the engine core is told to.
         held = self._engine_client.output_processor.get_num_unfinished_requests() if self._engine_client else 0
-        return {"requests_in_engine": held, "requests_aborted": self._aborted}
+        load = self._load
+        return {
+            "requests_in_engine": held, "requests_aborted": self._aborted,
+            "engine_running": load.running, "engine_waiting": load.waiting, "kv_cache_usage": load.kv_cache_usage,
+        }  # fmt: skip
 
     def shutdown(self) -> None:
         if self._engine_client is not None:
             self._engine_client.shutdown()
             self._engine_client = None
+
+
+@dataclasses.dataclass
+class _EngineLoad:
+    """The scheduler's latest figures (vLLM reports them every step), for the autoscaling policy."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+
+
+def _load_logger(load: _EngineLoad) -> type:
+    """A vLLM stat logger class that keeps the scheduler's figures in ``load``."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class EngineLoadLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                load.running, load.waiting = scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs
+                load.kv_cache_usage = scheduler_stats.kv_cache_usage
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return EngineLoadLogger
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,6 +76,18 @@ def test_num_replicas_auto_and_bucket_source():
         LLMConfig(model_loading_config={"model_id": "m", "model_source": {"bucket_uri": "http://x"}})
 
 
+def test_num_replicas_auto_gets_llm_defaults_that_serve_accepts(monkeypatch):
+    from ray.serve.config import AutoscalingConfig
+
+    monkeypatch.setattr("llmserve.placement.gpus_present", lambda: False)
+    options = config(deployment_config={"num_replicas": "auto", "max_ongoing_requests": 32, "autoscaling_config": {"max_replicas": 8}}).get_serve_options()
+    assert "num_replicas" not in options
+    scaling = AutoscalingConfig(**options["autoscaling_config"])
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 8, 8)
+    assert (scaling.upscale_delay_s, scaling.downscale_delay_s) == (15.0, 300.0)
+    assert "autoscaling_config" not in config(deployment_config={"num_replicas": 2}).get_serve_options()
+
+
 def test_model_id_with_colon_is_rejected():
     with pytest.raises(ValidationError, match="adapter"):
         LLMConfig(model_loading_config={"model_id": "base:lora"})
@@ -95,7 +107,10 @@ def test_serve_options_on_cpu(monkeypatch):
         runtime_env={"env_vars": {"HF_TOKEN": "t"}},
     ).get_serve_options(name_prefix="vLLM:")
     assert options["name"] == "vLLM:m"
-    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 2}
+    assert options["autoscaling_config"] == {
+        "min_replicas": 1, "max_replicas": 2,  # the user's, and LLM defaults for what they left out
+        "target_ongoing_requests": 64, "upscale_delay_s": 15.0, "downscale_delay_s": 300.0,
+    }  # fmt: skip
     assert options["ray_actor_options"]["num_cpus"] == 1
     assert "accelerator_type" not in options["ray_actor_options"]
     assert options["ray_actor_options"]["runtime_env"] == {"env_vars": {"HF_TOKEN": "t"}}
