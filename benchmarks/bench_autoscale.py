@@ -8,12 +8,13 @@ over the burst, with p90's ratio to Serve's stock arm, measured in the same run.
 
 - serve-stock: Serve's default policy at Serve's own target, 2 requests per replica;
 - llm-defaults: Serve's default policy at llmserve's target (max_ongoing_requests / 4 = 64);
-- ttft-policy: llmserve.autoscaling:TtftPolicy with ttft_target_s (--ttft-target-s).
+- ttft-policy: llmserve.autoscaling:TtftPolicy with ttft_target_s (--ttft-target-s);
+- ttft-tight: the same with a quarter of that target, one the machine cannot meet.
 
 On a 2-core machine both replicas share the same cores, so a second replica adds no
 compute: read the TTFT columns as what the policy's choice cost, not as a speed-up.
 
-Usage: python benchmarks/bench_autoscale.py [--burst-s 120] [--ttft-target-s 0.1]
+Usage: python benchmarks/bench_autoscale.py [--burst-s 120] [--ttft-target-s 0.1] [--arms serve-stock,ttft-tight]
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def arms(ttft_target_s: float) -> dict[str, dict]:
         "serve-stock": {**common, "target_ongoing_requests": 2},
         "llm-defaults": common,
         "ttft-policy": {**common, "policy": policy},
+        # A target this machine cannot meet: the policy must add the replica.
+        "ttft-tight": {**common, "policy": {**policy, "policy_kwargs": {"ttft_target_s": ttft_target_s / 4}}},
     }
 
 
@@ -85,15 +88,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--burst-s", type=float, default=120)
     parser.add_argument("--ttft-target-s", type=float, default=0.1)
+    parser.add_argument("--arms", help="comma-separated arms to run (default: all); serve-stock is the ratio's base")
     args = parser.parse_args()
     model = str(make_tiny_model(REPO / "models" / "tiny-llama-seed0", seed=0))
-    results = {name: run_arm(name, scaling, model, args.burst_s) for name, scaling in arms(args.ttft_target_s).items()}
-    base = results["serve-stock"]["p90"]
+    chosen = args.arms.split(",") if args.arms else list(arms(args.ttft_target_s))
+    results = {name: run_arm(name, scaling, model, args.burst_s) for name, scaling in arms(args.ttft_target_s).items() if name in chosen}
+    base = results["serve-stock"]["p90"] if "serve-stock" in results else float("nan")
     print(f"\n{CLIENTS} streaming clients for {args.burst_s:.0f}s; min 1 / max 2 replicas, upscale_delay_s 5")
     print(f"{'arm':<14}{'2nd replica at':>16}{'TTFT p50':>10}{'TTFT p90':>10}{'p90 / stock':>13}{'streams':>9}{'failed':>8}")
     for name, r in results.items():
         second = f"{r['second_at_s']:.0f} s" if r["second_at_s"] is not None else "never"
-        print(f"{name:<14}{second:>16}{r['p50']:>9.3f}s{r['p90']:>9.3f}s{r['p90'] / base:>12.2f}x{r['streams']:>9}{r['failed']:>8}")
+        print(f"{name:<14}{second:>16}{r['p50']:>9.3f}s{r['p90']:>9.3f}s{(f"{r['p90'] / base:.2f}x" if base == base else "-"):>13}{r['streams']:>9}{r['failed']:>8}")
     return 0
 
 
