@@ -4,35 +4,27 @@ import concurrent.futures
 import json
 from pathlib import Path
 
-import boto3
 import pytest
 import s3fs
 
 from llmserve.errors import FolderMissingError, StorageError
 from llmserve.storage import FolderMirror
-from tests.e2e.conftest import free_port, s3_requests
+from tests.e2e.conftest import local_s3, s3_requests
 
 FILES = {"config.json": b'{"layers": 2}', "model.safetensors": b"w" * 300_000, "tokenizer/vocab.txt": b"a\nb\n"}
 
 
 @pytest.fixture
 def bucket(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no credentials must fail at once, not probe a cloud
-    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem made for an earlier test's server
-    s3 = boto3.client("s3", endpoint_url=endpoint)
-    s3.create_bucket(Bucket="weights")
-    for name, data in FILES.items():
-        s3.put_object(Bucket="weights", Key=f"tiny/{name}", Body=data)
-    yield s3
-    server.stop()
+    with local_s3() as (credentials, s3):
+        for key, value in credentials.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no credentials must fail at once, not probe a cloud
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem made for an earlier test's server
+        s3.create_bucket(Bucket="weights")
+        for name, data in FILES.items():
+            s3.put_object(Bucket="weights", Key=f"tiny/{name}", Body=data)
+        yield s3
 
 
 def object_gets(requests: list[str]) -> list[str]:
