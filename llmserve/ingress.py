@@ -245,6 +245,8 @@ def _relay_for(config: Any, handle: Any) -> ReplicaRelay:
     autoscaling = config.deployment_config.autoscaling_config or {}
     if autoscaling.get("min_replicas", 1) > 0:  # (a lease would wake a deployment scaled to zero)
         relay.learn_a_replica()
+    else:
+        relay.may_have_no_replica = True
     return relay
 
 

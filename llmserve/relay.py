@@ -80,6 +80,9 @@ LEASE_RETRY_PAUSE_S = 0.25
 # A request waits at most this long in line for a replica (503 then); a client that
 # leaves sooner leaves the line at once.
 MAX_QUEUE_WAIT_S = 600.0
+# A model that may be scaled to zero is listed without its replica after this long (its
+# card is then the one a replica gave before, or its id alone).
+MODEL_CARDS_AT_ZERO_S = 2.0
 # Headers of a replica's answer that describe its body (vLLM's binary embeddings carry `metadata`).
 _ANSWER_HEADERS = {"metadata"}
 
@@ -98,6 +101,8 @@ class ReplicaRelay:
         self._admission = admission  # as the config says; each replica's lease then says it too
         self._session: Any = None  # made on first use, inside the serving event loop
         self._in_flight: dict[str, int] = {}  # replica URL -> this ingress's requests on it
+        self.may_have_no_replica = False  # min_replicas 0: /v1/models must not wait for a cold start
+        self._cards: Optional[list[dict[str, Any]]] = None  # the last ones a replica gave
         self._holders: dict[str, dict[str, None]] = {}  # adapter -> replicas it was sent to
         self._idle_leases: dict[str, list[_Lease]] = {}  # replica URL -> leases no request holds
         self._waiting: deque[asyncio.Future] = deque()  # requests without a lease yet, oldest first
@@ -356,7 +361,13 @@ class ReplicaRelay:
         return self._session
 
     async def model_cards(self) -> list[dict[str, Any]]:
-        return await self._handle.model_cards.remote()
+        if not self.may_have_no_replica:
+            return await self._handle.model_cards.remote()
+        try:
+            self._cards = await asyncio.wait_for(self._handle.model_cards.remote(), MODEL_CARDS_AT_ZERO_S)
+        except asyncio.TimeoutError:  # scaled to zero: what a replica said before, or what the config says
+            pass
+        return self._cards or [{"id": self.model_id, "object": "model", "created": int(time.time()), "owned_by": "llmserve"}]
 
     async def api_schema(self) -> dict[str, Any]:
         return await self._handle.api_schema.remote()

@@ -144,6 +144,9 @@ def test_a_model_at_zero_replicas_starts_on_its_first_request_which_waits_and_su
     try:
         output = wait_for_line(tmp_path / "run.log", "ready in", process)
         assert not any(n for _, n in replica_timeline(output)), "no replica before the first request"
+        listed = time.monotonic()
+        cards = requests.get(url + "/v1/models", timeout=30).json()["data"]
+        assert [card["id"] for card in cards] == ["tiny-a"] and time.monotonic() - listed < 10  # listed without waiting for a replica
         sent = time.monotonic()
         body = {"model": "tiny-a", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
         answer = requests.post(url + "/v1/chat/completions", json=body, timeout=600)
