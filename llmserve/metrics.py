@@ -138,7 +138,7 @@ _answer: contextvars.ContextVar[Optional["Answer"]] = contextvars.ContextVar("ll
 class Answer:
     """One API answer this process is making: what it is for, when it was written, its tokens."""
 
-    __slots__ = ("endpoint", "model", "adapter", "arrived", "continues", "status", "request_id", "relayed", "streaming", "first_write", "last_write", "tokens_written", "prompt_tokens", "completion_tokens")
+    __slots__ = ("endpoint", "model", "adapter", "arrived", "continues", "status", "failed_status", "request_id", "relayed", "streaming", "first_write", "last_write", "tokens_written", "prompt_tokens", "completion_tokens")
 
     def __init__(self, endpoint: str, arrived: float, continues: bool):
         self.endpoint = endpoint
@@ -147,6 +147,7 @@ class Answer:
         self.arrived = arrived
         self.continues = continues  # the rest of a stream begun at another replica
         self.status: Optional[int] = None
+        self.failed_status: Optional[int] = None  # a stream that ended with an error event: that error's status
         self.request_id: Optional[str] = None
         self.relayed = False  # the answer came from a model replica, which counted it
         self.streaming = False
@@ -194,13 +195,14 @@ class Answer:
             record(COMPLETION_TOKENS, self.completion_tokens, model=self.model, adapter=self.adapter)
         if self.status is None:
             return
+        status = self.failed_status or self.status
         duration = max(0.0, time.time() - self.arrived)
         access_log.write(
-            request_id=self.request_id, **labels, status=self.status, prompt_tokens=self.prompt_tokens,
+            request_id=self.request_id, **labels, status=status, prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens, ttft_s=self._ttft(), duration_s=duration, migrated=moved,
         )  # fmt: skip
         if not moved:
-            record(REQUESTS, 1, **labels, status=str(self.status))
+            record(REQUESTS, 1, **labels, status=str(status))
             record(REQUEST_DURATION, duration, **labels)
 
     def _ttft(self) -> Optional[float]:
@@ -230,6 +232,13 @@ def answering(model: str, adapter: Optional[str]) -> None:
     answer = _answer.get()
     if answer is not None:
         answer.model, answer.adapter = model, adapter or ""
+
+
+def failed_mid_stream(status: int) -> None:
+    """The stream being written in this context ends with an error event of ``status``."""
+    answer = _answer.get()
+    if answer is not None:
+        answer.failed_status = status
 
 
 def engine_tokens(prompt: int, completion: int) -> None:

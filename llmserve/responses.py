@@ -50,7 +50,11 @@ class ApiRequest:
 
 
 def stream_ending(error: LLMServeError) -> str:
-    """How every stream that fails after it began ends, on every path: one error event, then [DONE]."""
+    """How every stream that fails after it began ends, on every path: one error event, then [DONE].
+    The answer is counted with the error's status (its HTTP status was 200)."""
+    from llmserve import metrics  # (metrics reads this module's header names)
+
+    metrics.failed_mid_stream(error.status_code)
     return error.to_sse_event() + SSE_DONE
 
 

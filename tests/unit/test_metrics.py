@@ -64,3 +64,12 @@ def test_families_from_several_nodes_are_merged_and_others_left_out():
     assert 'ray_llmserve_requests_total{model="m"} 2' in lines and 'ray_llmserve_requests_total{model="n"} 3' in lines
     assert 'ray_vllm_num_requests_running{engine="0"} 1' in lines
     assert "ray_other 1" not in text
+
+
+def test_a_stream_that_ends_with_an_error_event_is_counted_with_the_errors_status():
+    app = make_app("theta")
+    labels = {"model": "theta", "adapter": "", "endpoint": "completions"}
+    before_500, before_200 = count(**labels, status="500"), count(**labels, status="200")
+    response = call(app, "POST", "/v1/completions", json={"model": "theta", "prompt": "ok fail:event more", "stream": True})
+    assert response.status_code == 200 and '"error"' in response.text
+    assert (count(**labels, status="500"), count(**labels, status="200")) == (before_500 + 1, before_200)
