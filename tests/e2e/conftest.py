@@ -75,6 +75,8 @@ def local_s3():
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     client = boto3.client("s3", endpoint_url=credentials["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    # moto's servers in one process share one store: start empty, whatever an earlier test left.
+    requests.post(credentials["AWS_ENDPOINT_URL"] + "/moto-api/reset", timeout=30).raise_for_status()
     try:
         yield credentials, client
     finally:

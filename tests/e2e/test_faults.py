@@ -245,7 +245,7 @@ def test_replica_killed_while_downloading_an_adapter(app, expected):
     asking.start()
     partial = None
     while partial is None and time.monotonic() - asked < 60:
-        partial = next(iter(cache.glob("llmserve/adapters/*/.big+*")), None)
+        partial = next(iter(cache.glob("llmserve/adapters/*/.partial+*")), None)  # (storage.FolderMirror's layout)
         time.sleep(0.05)
     assert partial is not None, "no download of the big adapter started"
     downloading = [p for p in chaos.processes(app["pid"], f"ray::ServeReplica:llm_app:LLMServer:{MODEL}") if _has_open_file_under(p, partial)]
@@ -263,12 +263,12 @@ def test_replica_killed_while_downloading_an_adapter(app, expected):
     tally.recovered_s = time.monotonic() - killed_at if recovered() else None
     TALLIES.append(tally)
     assert outcome == "completed" and text == expected["small"], (outcome, text)
-    finished = next(cache.glob("llmserve/adapters/*/big"))
+    finished = next(path.parent for path in cache.glob("llmserve/adapters/*/current/padding.bin"))
     assert (finished / "padding.bin").stat().st_size == PADDING_BYTES
     assert json.loads((finished / "adapter_config.json").read_text())["r"] == 8
     assert tally.recovered_s is not None
     # The partial folder is gone once the next download of it starts; nothing else is left.
-    assert not list(cache.glob("llmserve/adapters/*/.big+*"))
+    assert not list(cache.glob("llmserve/adapters/*/.partial+*"))
 
 
 def _has_open_file_under(process, folder) -> bool:

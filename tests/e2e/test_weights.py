@@ -6,6 +6,7 @@ same cache fetches nothing. A prefix that holds nothing fails the deployment at 
 saying so.
 """
 
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -73,8 +74,8 @@ def test_two_replicas_starting_together_fetch_the_weights_once_and_a_restart_fet
     fetched = sum(sizes[path] for path in gets)
     print(f"two replicas starting together: {len(gets)} object GETs, {fetched} bytes fetched; the model is {sum(sizes.values())} bytes")
     assert sorted(gets) == sorted(sizes), "each file fetched exactly once for both replicas"
-    assert "tiny-s3: fetching s3://weights/tiny" in output  # progress in the status lines
-    assert f"fetched {len(sizes)} files" in output
+    # The download in the status lines (its last word; a fast one's first lines pass between two looks).
+    assert re.search(rf"tiny-s3: s3://weights/tiny is in \S+: fetched {len(sizes)} files", output), output[-2000:]
 
     with s3_requests() as requests:
         port, process, log, log_path = serve_from_bucket(tmp_path, credentials, "s3://weights/tiny", 1, cache)
