@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from llmserve import access_log  # (standard library only: help still answers at once)
+
 # Ray counts logical CPUs; an engine replica takes one and its worker threads
 # use every core anyway, so a small machine needs more logical CPUs than cores.
 MIN_LOGICAL_CPUS = 8
@@ -84,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a line per answer (request id, model, adapter, status, tokens, TTFT, duration, replica) appended to "
         "FILE, or shown here with `-`, by every process of a Ray this command starts (else each replica's Serve log)",
     )
-    run_cmd.add_argument("--access-log-format", choices=["text", "json"], default="text", help="key=value text or JSON lines")
+    run_cmd.add_argument("--access-log-format", choices=access_log.FORMATS, default="text", help="key=value text or JSON lines")
     run_cmd.add_argument("--ready-timeout", type=float, default=1800, help="seconds to wait for models to load")
     commands.add_parser("gen-config", help="write a model config and a Serve config, from prompts or flags", add_help=False)
     commands.add_parser("dashboard", help="draw the dashboard's panels from a Prometheus to a PNG", add_help=False)
@@ -196,8 +198,6 @@ def _configure_local_serve(serve_proxy: str) -> None:
 def _configure_access_log(target: str, log_format: str, started_ray: bool) -> None:
     """Every process of the Ray about to start appends its access lines to one file per node
     (access_log.py); ``-`` has this command show them as they come."""
-    from llmserve import access_log
-
     if not started_ray:
         print(
             f"llmserve: --access-log applies to a Ray this command starts; on a running cluster set "
