@@ -175,7 +175,19 @@ class DeploymentConfig(_Strict):
     graceful_shutdown_wait_loop_s: Optional[float] = Field(default=None, description="Serve's drain poll period.")
     graceful_shutdown_timeout_s: Optional[float] = Field(default=None, description="Seconds to drain before kill.")
     logging_config: Optional[dict[str, Any]] = Field(default=None, description="Serve logging configuration.")
-    request_router_config: Optional[dict[str, Any]] = Field(default=None, description="Serve request router.")
+    request_router_config: Optional[dict[str, Any]] = Field(
+        default=None,
+        description="Serve's request router options; request_router_kwargs.policy is the placement: prefix (default: "
+        "the replica holding the prompt's prefix or adapter, unless much busier), least_loaded, power_of_two, round_robin.",
+    )
+
+    @field_validator("request_router_config")
+    @classmethod
+    def _known_policy(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        from llmserve.affinity import policy_of
+
+        policy_of(value)
+        return value
 
     def as_serve_options(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

@@ -39,6 +39,7 @@ from llmserve.errors import (
     ModelNotFoundError,
     NotFoundError,
 )
+from llmserve.affinity import Wanted, policy_of
 from llmserve.front_door import FrontDoor, HttpRequest, Upstream
 from llmserve.logs import log_into_serve_replica_log
 from llmserve import metrics
@@ -208,24 +209,25 @@ def front_door_route(router: ModelRouter, own_app: tuple[str, int], keys: ApiKey
                 request.labels = {"model": model_id, "adapter": adapter_of(body) or "", "endpoint": endpoint}
                 if isinstance(backend, ReplicaRelay):
                     migrations = backend.stream_migrations if resumable(endpoint, body) else 0
-                    return await _to_replica(backend, request, body_request_id, adapter_of(body), migrations)
+                    wanted = Wanted.of(endpoint, body, adapter_of(body))
+                    return await _to_replica(backend, request, body_request_id, wanted, migrations)
         return Upstream(*own_app)
 
     return route
 
 
 async def _to_replica(
-    relay: ReplicaRelay, request: HttpRequest, body_request_id: Optional[str], adapter: Optional[str], migrations: int
+    relay: ReplicaRelay, request: HttpRequest, body_request_id: Optional[str], wanted: Wanted, migrations: int
 ) -> Upstream:
     """A replica for the request, and ``elsewhere``: another one, for a request the first could
     not serve (the front door bounds how often it asks)."""
     given_id = request.header(REQUEST_ID_HEADER.encode())
     request_id = given_id.decode("latin-1") if given_id else body_request_id or uuid.uuid4().hex
-    replica_url, done = await relay.place(adapter)
+    replica_url, done = await relay.place(wanted)
 
     async def elsewhere() -> Upstream:
         relay.forget(replica_url)
-        return await _to_replica(relay, request, body_request_id, adapter, migrations)
+        return await _to_replica(relay, request, body_request_id, wanted, migrations)
 
     def last_words() -> bytes:  # the replica died mid-stream: end the client's stream cleanly
         error = backend_failure(ConnectionError("the replica closed the stream"), request_id)
@@ -241,7 +243,13 @@ async def _to_replica(
 
 def _relay_for(config: Any, handle: Any) -> ReplicaRelay:
     migrations = config.deployment_config.max_stream_migrations
-    relay = ReplicaRelay(handle, Admission.of(config), DEFAULT_MAX_MIGRATIONS if migrations is None else migrations, config.model_id)
+    relay = ReplicaRelay(
+        handle,
+        Admission.of(config),
+        DEFAULT_MAX_MIGRATIONS if migrations is None else migrations,
+        config.model_id,
+        policy_of(config.deployment_config.request_router_config),
+    )
     autoscaling = config.deployment_config.autoscaling_config or {}
     if autoscaling.get("min_replicas", 1) > 0:  # (a lease would wake a deployment scaled to zero)
         relay.learn_a_replica()

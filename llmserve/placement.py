@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
+from llmserve.affinity import serve_router_config
 from llmserve.autoscaling import llm_autoscaling_config
 from llmserve.config import BackpressureConfig
 
@@ -55,6 +56,8 @@ def serve_options(config: "LLMConfig", *, name_prefix: str) -> dict[str, Any]:
     # fewer than the bound. Serve's own queue stays unbounded behind it.
     options.pop("max_queued_requests", None)
     options.pop("max_stream_migrations", None)  # the front door's to apply (migration.py)
+    # Leases go where the ingress prefers (affinity.py): the prompt's cache, its adapter.
+    options["request_router_config"] = serve_router_config(options.get("request_router_config"))
     auto = options.get("num_replicas") == "auto"
     if auto or options.get("autoscaling_config") is not None:
         options["autoscaling_config"] = llm_autoscaling_config(options.get("autoscaling_config"), options["max_ongoing_requests"], auto)

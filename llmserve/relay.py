@@ -18,11 +18,12 @@ one, or stays open for a second for the next request to take over, so steady
 traffic holds as many leases as it has requests in flight without a Ray call
 per request.
 
-Requests for a LoRA adapter (``base:adapter``) prefer an open lease on a
-replica the ingress already sent that adapter to, unless it is much busier
-than the others; each
-response names its replica (Serve's name for it, not its address) in the
-``x-llmserve-replica`` header.
+Each request goes to the replica ``affinity.py`` chooses: the one most likely
+to hold its prompt's prefix or its LoRA adapter (``base:adapter``) in cache,
+unless it is much busier than the others, else the least busy one. It takes
+an open lease there, or asks Serve for one that names that replica
+(``LeaseRouter`` offers it there first); each response names its replica
+(Serve's name for it, not its address) in the ``x-llmserve-replica`` header.
 
 Example::
 
@@ -35,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 import time
 import weakref
@@ -45,6 +45,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 from starlette.responses import Response, StreamingResponse
 
 from llmserve import metrics
+from llmserve.affinity import PREFER_KWARG, ReplicaCaches, Wanted
 from llmserve.engine import ENDPOINT_PATHS
 from llmserve.errors import MAX_DECLINES, RETRY_ELSEWHERE_HEADER, ReplicaUnavailableError, ServiceUnavailableError, TooManyRequestsError
 from llmserve.handoff import HandoffListener, address_for
@@ -67,10 +68,6 @@ LEASE_OWNER_CHECK_S = 5.0
 # them, so the ingress never sends on a connection the replica is closing.
 REPLICA_KEEP_ALIVE_S = 75
 INGRESS_KEEP_ALIVE_S = 15
-# A replica that holds a request's adapter is preferred while it has at most
-# this many more requests in flight than the least busy one; past that, the
-# least busy replica loads the adapter too.
-ADAPTER_AFFINITY_SLACK = 8
 # A finished request's lease stays open this long for the next request on
 # its replica to take over: leases follow the load without a Ray call per request.
 LEASE_LINGER_S = 1.0
@@ -91,7 +88,12 @@ class ReplicaRelay:
     """The ingress's backend for one model: hold a lease on a replica, relay its bytes there."""
 
     def __init__(
-        self, handle: Any, admission: Admission = Admission(), stream_migrations: int = DEFAULT_MAX_MIGRATIONS, model_id: str = ""
+        self,
+        handle: Any,
+        admission: Admission = Admission(),
+        stream_migrations: int = DEFAULT_MAX_MIGRATIONS,
+        model_id: str = "",
+        policy: str = "prefix",
     ):
         self._handle = handle
         self.model_id = model_id  # (what its metrics are labelled with)
@@ -103,28 +105,34 @@ class ReplicaRelay:
         self._in_flight: dict[str, int] = {}  # replica URL -> this ingress's requests on it
         self.may_have_no_replica = False  # min_replicas 0: /v1/models must not wait for a cold start
         self._cards: Optional[list[dict[str, Any]]] = None  # the last ones a replica gave
-        self._holders: dict[str, dict[str, None]] = {}  # adapter -> replicas it was sent to
+        self.caches = ReplicaCaches(policy)  # what each replica likely has cached (placement)
+        self._replica_ids: dict[str, str] = {}  # replica URL -> Serve's replica id (to prefer it)
         self._idle_leases: dict[str, list[_Lease]] = {}  # replica URL -> leases no request holds
-        self._waiting: deque[asyncio.Future] = deque()  # requests without a lease yet, oldest first
+        # Requests without a lease yet, oldest first, each with the replica it waits for
+        # (chosen for its cache) or None (any replica).
+        self._waiting: deque[tuple[asyncio.Future, Optional[str]]] = deque()
 
-    async def place(self, adapter: Optional[str]) -> tuple[str, Callable[[], None]]:
+    async def place(self, wanted: Wanted = Wanted()) -> tuple[str, Callable[[], None]]:
         """A replica URL for one request and the callable that ends its lease (call it once done).
 
-        The request runs on the replica its lease is on. It takes a lease a
-        finished request left open, if any (no Ray call); else it asks Serve
-        for one and waits in line: Serve gives each replica at most
-        ``max_ongoing_requests`` leases and refuses past ``max_queued_requests``
-        waiting ones (429, ``TooManyRequestsError``). A lease that a request
-        ends goes to the oldest waiting request first.
+        The request runs on the replica its lease is on. ``self.caches`` chooses
+        the replica; the request takes a lease a finished request left open
+        there, if any (no Ray call); else it asks Serve for one that prefers
+        that replica and waits in line: Serve gives each replica at most
+        ``max_ongoing_requests`` leases (a full one passes the lease on to
+        another) and refuses past ``max_queued_requests`` waiting ones (429,
+        ``TooManyRequestsError``). A lease that a request ends goes to the
+        oldest request waiting for its replica, or for any.
         """
-        lease = self._take_idle_lease(adapter)
+        idle = {url for url, leases in self._idle_leases.items() if leases}
+        chosen, for_its_cache = self.caches.choose(self._in_flight, wanted, idle)
+        lease = self._idle_leases[chosen].pop() if chosen in idle else None
         if lease is None:
             self._refuse_past_the_line()
-            lease = await self._lease_on_a_live_replica()
+            lease = await self._lease_on_a_live_replica(chosen, for_its_cache)
         replica_url = lease.replica_url
         self._in_flight[replica_url] = self._in_flight.get(replica_url, 0) + 1
-        if adapter is not None:
-            self._holders.setdefault(adapter, {})[replica_url] = None
+        self.caches.sent(replica_url, wanted)
         return replica_url, _once(lambda: self._release(lease))
 
     def learn_a_replica(self) -> None:
@@ -135,6 +143,8 @@ class ReplicaRelay:
     def forget(self, replica_url: str) -> None:
         """That replica refused a connection (scaled down, restarted): stop placing requests on it."""
         self._in_flight.pop(replica_url, None)
+        self._replica_ids.pop(replica_url, None)
+        self.caches.forget(replica_url)
         for lease in self._idle_leases.pop(replica_url, []):
             lease.cancel()
 
@@ -156,24 +166,27 @@ class ReplicaRelay:
             metrics.record(metrics.REJECTIONS, 1, model=self.model_id)
             raise _line_full(admission.refusal_status, admission.retry_after_s)
 
-    async def _lease_on_a_live_replica(self) -> "_Lease":
+    async def _lease_on_a_live_replica(self, prefer: Optional[str], only_there: bool) -> "_Lease":
         """A new lease; one that a dying replica refused is asked for again, a moment later:
         the replica exits at once, and Serve then places leases on the others."""
         for attempt in range(LEASE_TRIES):
             try:
-                return await self._wait_for_lease()
+                return await self._wait_for_lease(prefer if attempt == 0 else None, only_there and attempt == 0)
             except Exception as exc:
                 if not _replica_went_away(exc) or attempt == LEASE_TRIES - 1:
                     raise
                 await asyncio.sleep(LEASE_RETRY_PAUSE_S * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def _wait_for_lease(self) -> "_Lease":
-        """A new lease from Serve, or one a finished request hands over first, whichever comes sooner."""
+    async def _wait_for_lease(self, prefer: Optional[str], only_there: bool) -> "_Lease":
+        """A new lease from Serve, offered to replica ``prefer`` first, or one a finished request
+        hands over first (on that replica if ``only_there``), whichever comes sooner."""
         handed_over = asyncio.get_running_loop().create_future()
-        self._waiting.append(handed_over)
+        waiter = (handed_over, prefer if only_there else None)
+        self._waiting.append(waiter)
         self._queue_changed()
-        own = _Lease(self._lease_handle.reserve.remote(_this_actor()))
+        preferred_id = self._replica_ids.get(prefer or "")
+        own = _Lease(self._lease_handle.reserve.remote(_this_actor(), **({PREFER_KWARG: preferred_id} if preferred_id else {})))
         learning = asyncio.ensure_future(self._learn_replica(own))
         waited = False
         try:
@@ -181,7 +194,7 @@ class ReplicaRelay:
             waited = True
         finally:
             with contextlib.suppress(ValueError):
-                self._waiting.remove(handed_over)
+                self._waiting.remove(waiter)
             self._queue_changed()
             handed = handed_over.result() if handed_over.done() and not handed_over.cancelled() else None
             handed_over.cancel()
@@ -229,10 +242,13 @@ class ReplicaRelay:
             if not self._waiting:  # (those in line get the place this frees through Serve)
                 _in_background(self._spare_lease())
             return
-        while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_result(lease)
+        for waiter in list(self._waiting):
+            handed_over, wants = waiter
+            if handed_over.done():
+                self._waiting.remove(waiter)
+            elif wants is None or wants == lease.replica_url:
+                self._waiting.remove(waiter)
+                handed_over.set_result(lease)
                 return
         # Under steady traffic the next request takes this lease over, so a
         # request costs no Ray call; one nobody takes ends after LEASE_LINGER_S.
@@ -249,25 +265,6 @@ class ReplicaRelay:
             raise
         self._recycle(spare)
 
-    def _take_idle_lease(self, adapter: Optional[str]) -> Optional["_Lease"]:
-        """An idle lease on the replica for a new request: one holding its adapter unless that
-        one is much busier than the rest, else the one with the fewest requests in flight."""
-        if self._waiting:  # first come, first served: idle leases go to those already waiting
-            return None
-        idle = [url for url, leases in self._idle_leases.items() if leases and url in self._in_flight]
-        if not idle:
-            return None
-        fewest = min(self._in_flight[url] for url in idle)
-        holders = [url for url in self._holders.get(adapter, ()) if url in idle] if adapter else []
-        chosen = None
-        if holders:
-            least_busy_holder = min(holders, key=self._in_flight.__getitem__)
-            if self._in_flight[least_busy_holder] <= fewest + ADAPTER_AFFINITY_SLACK:
-                chosen = least_busy_holder
-        if chosen is None:
-            chosen = random.choice([url for url in idle if self._in_flight[url] == fewest])
-        return self._idle_leases[chosen].pop()
-
     def _expire(self, lease: "_Lease") -> None:
         idle = self._idle_leases.get(lease.replica_url or "", [])
         if lease in idle:
@@ -276,9 +273,9 @@ class ReplicaRelay:
 
     async def respond(self, request: ApiRequest) -> Response:
         """The replica's answer through aiohttp: the path behind Serve's own HTTP proxy."""
-        adapter = adapter_of(request.body)
+        wanted = Wanted.of(request.endpoint, request.body, adapter_of(request.body))
         try:
-            upstream, finished = await self._send(adapter, request)
+            upstream, finished = await self._send(wanted, request)
         except Exception as exc:
             return error_response(backend_failure(exc, request.request_id), request.request_id)
         headers = {name: value for name, value in upstream.headers.items() if name.lower() in _ANSWER_HEADERS}
@@ -298,7 +295,7 @@ class ReplicaRelay:
         weakref.finalize(relayed, finished)
         return StreamingResponse(relayed, status_code=upstream.status, media_type="text/event-stream", headers=headers)
 
-    async def _send(self, adapter: Optional[str], request: ApiRequest) -> tuple[Any, Callable[[], None]]:
+    async def _send(self, wanted: Wanted, request: ApiRequest) -> tuple[Any, Callable[[], None]]:
         headers = {"content-type": request.content_type, REQUEST_ID_HEADER: request.request_id, metrics.ARRIVED_HEADER: f"{time.time():.6f}"}
         path = ENDPOINT_PATHS[request.endpoint]
         import aiohttp
@@ -306,7 +303,7 @@ class ReplicaRelay:
         for declined in range(MAX_DECLINES + 1):
             if declined:
                 metrics.record(metrics.RETRIES, 1, model=self.model_id)
-            replica_url, finished = await self.place(adapter)
+            replica_url, finished = await self.place(wanted)
             try:
                 upstream = await self._client().post(replica_url + path, data=request.raw_body, headers=headers)
             except (OSError, aiohttp.ClientConnectionError):
@@ -325,8 +322,9 @@ class ReplicaRelay:
 
     async def _learn_replica(self, lease: "_Lease") -> str:
         """The replica a lease landed on, remembered for placing later requests."""
-        replica_url, self._admission = await anext(lease.call)
+        replica_url, self._admission, replica_id = await anext(lease.call)
         lease.replica_url = replica_url
+        self._replica_ids[replica_url] = replica_id
         self._in_flight.setdefault(replica_url, 0)
         return replica_url
 

@@ -141,13 +141,16 @@ class LLMServer:
         """The OpenAPI operations of this model's endpoints (openapi.py)."""
         return await self._engine.api_schema()
 
-    async def reserve(self, owner: Any = None) -> AsyncIterator[tuple[str, Admission]]:
-        """A lease: this replica's HTTP URL and admission limits, then open (one ongoing
-        request to Serve) until cancelled, or until ``owner`` (the ingress actor) dies."""
+    async def reserve(self, owner: Any = None, prefer: Optional[str] = None) -> AsyncIterator[tuple[str, Admission, str]]:
+        """A lease: this replica's HTTP URL, admission limits and Serve id, then open (one
+        ongoing request to Serve) until cancelled, or until ``owner`` (the ingress actor)
+        dies. ``prefer`` is for Serve's router (``affinity.LeaseRouter``), not for us."""
         if self._engine.is_dead():
             raise self._unavailable()
+        context = replica_context()
+        replica_id = context.replica_id.unique_id if context is not None else ""
         async for url in self._data_plane.hold(owner):
-            yield url, self._admission
+            yield url, self._admission, replica_id
 
     async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> Union[bytes, BinaryOutput, LLMServeError]:
         """A whole (non-streaming) response body, or the error to send instead."""

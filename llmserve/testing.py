@@ -164,29 +164,34 @@ class InProcessHandle:
     def options(self, **_):
         return self
 
-    def _reserve(self, owner=None):
-        self.leases.append(LeaseCall(self._admitted()))
+    def _reserve(self, owner=None, prefer=None):
+        self.leases.append(LeaseCall(self._admitted(prefer)))
         return self.leases[-1]
 
-    async def _admitted(self):
-        server = self._servers[self._turn % len(self._servers)]
-        self._turn += 1
-        if self._slots is None:
-            async for url in server.reserve():
-                yield url
-            return
-        self.queued += 1
+    async def _admitted(self, prefer=None):
+        # A preferred replica (named by the id its leases carry) gets the lease, as
+        # affinity.LeaseRouter offers it; else the replicas take turns.
+        ids = [f"replica-{index}" for index in range(len(self._servers))]
+        if prefer in ids:
+            index = ids.index(prefer)
+        else:
+            index = self._turn % len(self._servers)
+            self._turn += 1
+        server = self._servers[index]
+        if self._slots is not None:
+            self.queued += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self.queued -= 1
+            self.open += 1
         try:
-            await self._slots.acquire()
+            async for url, admission, _ in server.reserve():
+                yield url, admission, ids[index]
         finally:
-            self.queued -= 1
-        self.open += 1
-        try:
-            async for url in server.reserve():
-                yield url
-        finally:
-            self.open -= 1
-            self._slots.release()
+            if self._slots is not None:
+                self.open -= 1
+                self._slots.release()
 
     @property
     def reserve(self):
