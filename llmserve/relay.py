@@ -117,8 +117,8 @@ class ReplicaRelay:
 
         The request runs on the replica its lease is on. ``self.caches`` chooses
         the replica; the request takes a lease a finished request left open
-        there, if any (no Ray call); else it asks Serve for one that prefers
-        that replica and waits in line: Serve gives each replica at most
+        there, if any (no Ray call); else it asks Serve for one (naming that
+        replica if it was chosen for its cache) and waits in line: Serve gives each replica at most
         ``max_ongoing_requests`` leases (a full one passes the lease on to
         another) and refuses past ``max_queued_requests`` waiting ones (429,
         ``TooManyRequestsError``). A lease that a request ends goes to the
@@ -129,7 +129,10 @@ class ReplicaRelay:
         lease = self._idle_leases[chosen].pop() if chosen in idle else None
         if lease is None:
             self._refuse_past_the_line()
-            lease = await self._lease_on_a_live_replica(chosen, for_its_cache)
+            # Only a choice Serve could not make itself is named to it: one by cache, or a
+            # baseline's. Else Serve places the lease, and so finds replicas it has added.
+            named = for_its_cache or self.caches.policy in ("round_robin", "power_of_two")
+            lease = await self._lease_on_a_live_replica(chosen if named else None, for_its_cache)
         replica_url = lease.replica_url
         self._in_flight[replica_url] = self._in_flight.get(replica_url, 0) + 1
         self.caches.sent(replica_url, wanted)

@@ -21,6 +21,7 @@ import pytest
 import requests
 import yaml
 
+from llmserve.relay import LEASE_LINGER_S
 from llmserve.tiny_model import make_tiny_adapter
 from tests.conftest import TEST_ENGINE_KWARGS
 from tests.e2e import chaos, scrape
@@ -41,7 +42,8 @@ PROBE = {"model": MODEL, "prompt": "The weather", "max_tokens": 8, "temperature"
 # vLLM runs float32 models in bfloat16 on x86 CPUs, where a random model's greedy choice flips
 # on rounding: a continuation's prefill rounds otherwise than the decode steps it replaces (and
 # so does another batch). In float32 a stream continued at any token keeps its text.
-ENGINE_KWARGS = {**TEST_ENGINE_KWARGS, "dtype": "float32"}
+# Room for the prefix-affinity test's system prompts of ~600 tokens.
+ENGINE_KWARGS = {**TEST_ENGINE_KWARGS, "dtype": "float32", "max_model_len": 1024}
 # Streams and probes the app must never leave hanging, whatever is killed.
 TALLIES: list[chaos.Tally] = []
 # A replica must be back within its start time plus this (Serve sees a dead process at once).
@@ -122,6 +124,48 @@ def test_mixed_concurrent_requests_for_the_base_and_its_adapters_each_get_their_
         answers = list(pool.map(ask, models))
     wrong = [(model, answer) for model, answer in zip(models, answers) if answer != wanted[model]]
     assert not wrong, f"{len(wrong)} of 24 answers were another model's: {wrong[:3]}"
+
+
+def test_requests_that_share_a_long_prefix_run_on_one_replica_and_reuse_its_cache(app):
+    """Prefix affinity on the default path (affinity.py): four system prompts of ~1,100
+    characters, each asked five times with another question, run each on one replica, and
+    the engines' own prefix cache finds most of their tokens. After the second round the
+    ingress's open leases have ended, so later requests get their replica from Serve's
+    router (LeaseRouter), asked for by name."""
+    systems = [f"Team {n}. " + f"You are the assistant of team {n}; answer in one word, never more. " * 16 for n in range(4)]
+    before = scrape.settled(app["url"])
+    replicas = {n: set() for n in range(len(systems))}
+
+    def ask(n, round_number):
+        body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "system", "content": systems[n]}, {"role": "user", "content": f"Q{round_number}?"}]}
+        answer = requests.post(app["url"] + "/v1/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        return n, answer.headers["x-llmserve-replica"]
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        # Short prompts have no affinity: Serve places their leases, so the ingress knows both replicas.
+        list(pool.map(lambda _: chaos.whole(app["url"], PROBE), range(8)))
+        for round_number in range(5):
+            if round_number == 2:
+                time.sleep(LEASE_LINGER_S + 0.5)
+            # The four at once: new prefixes spread by load, known ones stay.
+            for n, replica in pool.map(ask, range(len(systems)), [round_number] * len(systems)):
+                replicas[n].add(replica)
+    assert all(len(names) == 1 for names in replicas.values()), f"a prefix's requests ran on several replicas: {replicas}"
+    assert len(set().union(*replicas.values())) == 2, f"the prefixes did not spread over both replicas: {replicas}"
+
+    def delta(samples, name):
+        return scrape.total(samples, name) - scrape.total(before, name)
+
+    after = scrape.wait_until(app["url"], lambda samples: delta(samples, "ray_vllm_prefix_cache_queries_total") > 0)
+    queries, hits = delta(after, "ray_vllm_prefix_cache_queries_total"), delta(after, "ray_vllm_prefix_cache_hits_total")
+    print(f"\nprefix affinity: replicas per prefix {replicas}; engine prefix cache {hits:.0f} of {queries:.0f} prompt tokens hit")
+    # 16 of the 20 requests repeat a prefix of four of their five or six 128-token blocks
+    # (~65% of their tokens at most); spread by load alone, a quarter of those would land
+    # where it was never computed (~50%).
+    assert queries > 0 and hits / queries > 0.55, f"prefix cache hits {hits} of {queries} tokens"
 
 
 def run_fault(app, expected, fault, title, healthy_line=None, kinds=None):
