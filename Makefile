@@ -6,7 +6,7 @@ STAMP := $(VENV)/.llmserve-installed
 # The default example's real models, made once from PyPI packages (llmserve/example_models.py).
 EXAMPLE_MODELS := models/SmolLM2-135M-Instruct models/all-MiniLM-L6-v2
 
-.PHONY: setup serve test unit fuzz chaos bench bench-lora bench-autoscale clean prometheus
+.PHONY: setup serve test unit fuzz chaos bench bench-lora bench-autoscale bench-prefix clean prometheus
 
 setup: $(STAMP)
 
@@ -57,6 +57,11 @@ bench-lora: setup
 # Serve's stock autoscaling, llmserve's defaults and TtftPolicy on one burst (benchmarks/bench_autoscale.py).
 bench-autoscale: setup
 	$(PY) benchmarks/bench_autoscale.py
+
+# Prefix-affinity placement against power of two and round robin, two SmolLM2 replicas,
+# a shared-prefix workload at a fixed rate (benchmarks/bench_prefix.py).
+bench-prefix: setup $(EXAMPLE_MODELS)
+	$(PY) benchmarks/bench_prefix.py
 
 clean:
 	rm -rf $(VENV) models
