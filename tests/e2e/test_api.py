@@ -223,10 +223,13 @@ def test_each_engine_worker_is_forked_from_its_engine_core_and_bound_like_vllm_b
 
     from llmserve.vllm_worker_fork import FORKED_WORKER_LOG
 
-    workers = [process for process in psutil.process_iter(["name"]) if (process.info["name"] or "").startswith("VLLM::Worker")]
-    assert len(workers) >= len(tiny_model_paths)
+    # vLLM names its processes (setproctitle); each engine core (one per model) runs its model in a worker.
+    engine_cores = [process for process in psutil.process_iter(["name"]) if (process.info["name"] or "").startswith("VLLM::EngineCor")]
+    workers_of = {core.pid: [child for child in core.children() if child.name().startswith("VLLM::Worker")] for core in engine_cores}
+    seen = [(process.pid, process.info["name"], process.ppid()) for process in psutil.process_iter(["name"]) if "VLLM" in (process.info["name"] or "")]
+    assert len(engine_cores) >= len(tiny_model_paths) and all(workers_of.values()), seen
+    workers = [worker for each in workers_of.values() for worker in each]
     for worker in workers:
-        assert worker.parent().name().startswith("VLLM::EngineCor")
         # vLLM binds each worker to its share of the cores, leaving one to the engine core.
         assert len(worker.cpu_affinity()) < len(psutil.Process().cpu_affinity())
     # A worker bound to one CPU is forked (on 2 cores, all of them); wider ones are spawned as vLLM does.

@@ -24,10 +24,10 @@ def no_ray_in_this_process():
     ray.shutdown()
 
 
-def start_app(tmp_path, tiny_model_paths, autoscaling_config):
+def start_app(tmp_path, tiny_model_paths, autoscaling_config, **engine_kwargs):
     model = {
         "model_loading_config": {"model_id": "tiny-a", "model_source": tiny_model_paths["tiny-a"]},
-        "engine_kwargs": TEST_ENGINE_KWARGS,
+        "engine_kwargs": {**TEST_ENGINE_KWARGS, **engine_kwargs},
         "deployment_config": {"autoscaling_config": autoscaling_config},
     }
     config = {"applications": [{"name": "llmserve", "route_prefix": "/", "import_path": "llmserve:build_openai_app", "args": {"llm_configs": [model]}}]}
@@ -88,7 +88,10 @@ def plot(timeline, answers, offset, path):
 def test_a_second_replica_starts_under_load_serves_and_goes_after_it_with_no_failed_request(tiny_model_paths, tmp_path):
     policy = {"policy_function": "llmserve.autoscaling:TtftPolicy", "policy_kwargs": {"ttft_target_s": 0.05}}
     scaling = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 2, "downscale_delay_s": 10, "policy": policy}
-    url, process, log = start_app(tmp_path, tiny_model_paths, scaling)
+    # 8 streams on an engine that runs 2 at a time keep requests waiting in the engine, which
+    # TtftPolicy scales on whatever the machine's speed (on a fast one the tiny model's TTFT
+    # stays under any target a slow one could meet).
+    url, process, log = start_app(tmp_path, tiny_model_paths, scaling, max_num_seqs=2)
     answers, stop_load = [], threading.Event()
     try:
         ready = wait_for_line(tmp_path / "run.log", "ready in", process)
