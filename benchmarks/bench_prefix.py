@@ -154,6 +154,7 @@ def main() -> int:
     args = parser.parse_args()
     if not MODEL_DIR.exists():
         subprocess.run([sys.executable, "-m", "llmserve.example_models", str(REPO / "models")], check=True)
+    (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
     out = Path(tempfile.mkdtemp(prefix="bench-prefix-", dir=REPO / "benchmarks" / "results"))
     results: dict[str, dict[str, dict]] = {}
     for policy in args.arms.split(","):
