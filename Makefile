@@ -47,8 +47,9 @@ fuzz: setup
 chaos: setup
 	$(PY) -m pytest -v -s tests/e2e/test_faults.py
 
+# BENCH_ARGS="--fronts llmserve,serve": also Ray's `serve run config.yaml` against `vllm serve`.
 bench: setup
-	$(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/bench_serve.py $(BENCH_ARGS)
 
 # The data-path benchmark with requests spread over 4 LoRA adapters.
 bench-lora: setup

@@ -28,7 +28,11 @@ measured the client's luck with the scheduler, not the servers
 (docs/data-path.md). --unprotected-client runs it at the same weight as
 the servers, as before.
 
-Usage: python benchmarks/bench_serve.py [--concurrency 1,8,32,64] [--num-prompts 200] [--rounds 3] [--ready-rounds 3] [--lora 4] [--unprotected-client]
+With --fronts llmserve,serve the app also starts under Ray's own `serve run
+config.yaml` (how the seeds' examples and a RayService start it), measured
+against `vllm serve` in rounds of its own, after `llmserve run`'s.
+
+Usage: python benchmarks/bench_serve.py [--concurrency 1,8,32,64] [--num-prompts 200] [--rounds 3] [--ready-rounds 3] [--lora 4] [--unprotected-client] [--fronts llmserve,serve]
 """
 
 from __future__ import annotations
@@ -50,6 +54,11 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 VLLM_CLI = [sys.executable, str(REPO / "benchmarks" / "vllm_cli.py")]
 LLMSERVE = str(Path(sys.executable).parent / "llmserve")
+SERVE, RAY = str(Path(sys.executable).parent / "serve"), str(Path(sys.executable).parent / "ray")
+# How each front starts the app: `llmserve run`, or Ray's own `serve run config.yaml`
+# (Serve's proxy on 0.0.0.0, as in config files and RayService; the ingress takes its
+# port on its node, serve_port.py).
+FRONTS = {"llmserve": "llmserve run", "serve": "serve run"}
 MODEL_ID = "tiny"
 ENGINE_KWARGS = {"max_model_len": 1024, "kv_cache_memory_bytes": 512 * 1024**2}
 PROMPTS_AT_LOW_CONCURRENCY = {1: 50, 8: 100}
@@ -95,7 +104,7 @@ def start_vllm(model: str, port: int, log, adapters: dict[str, Path]) -> subproc
     return subprocess.Popen(VLLM_CLI + ["serve", model] + flags, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def start_llmserve(model: str, port: int, log, workdir: Path, adapters: dict[str, Path]) -> subprocess.Popen:
+def start_llmserve(model: str, port: int, log, workdir: Path, adapters: dict[str, Path], front: str = "llmserve") -> subprocess.Popen:
     llm_config = {"model_loading_config": {"model_id": MODEL_ID, "model_source": model}, "engine_kwargs": ENGINE_KWARGS}
     if adapters:
         folder = str(next(iter(adapters.values())).parent)
@@ -111,8 +120,12 @@ def start_llmserve(model: str, port: int, log, workdir: Path, adapters: dict[str
         ]
     }
     path = workdir / "bench.yaml"
-    path.write_text(yaml.safe_dump(config))
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    if front == "serve":
+        config["http_options"] = {"port": port}
+        path.write_text(yaml.safe_dump(config))
+        return subprocess.Popen([SERVE, "run", str(path)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True)
+    path.write_text(yaml.safe_dump(config))
     return subprocess.Popen([LLMSERVE, "run", str(path), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
@@ -204,6 +217,8 @@ class Server:
 
     def close(self) -> None:
         stop(self.process)
+        if self.name == "serve":  # (`serve run` leaves the Ray it started running)
+            subprocess.run([RAY, "stop", "--force"], stdout=self.log, stderr=subprocess.STDOUT)
         self.log.close()
 
 
@@ -258,27 +273,27 @@ def measure(servers: list[Server], model: str, args, names: dict[str, list[str]]
     return results
 
 
-def print_table(concurrency: int, vllm: dict, ours: dict) -> None:
+def print_table(concurrency: int, vllm: dict, ours: dict, front: str = "llmserve") -> None:
     rounds = len(ours["rounds"])
-    print(f"\nrandom 128 in / 128 out, {ours['num_prompts']} prompts, concurrency {concurrency}, ignore_eos; median of {rounds} rounds")
-    print(f"{'metric':<16}{'vllm serve':>14}{'llmserve':>14}{'ratio':>10}")
+    print(f"\n{FRONTS[front]}: random 128 in / 128 out, {ours['num_prompts']} prompts, concurrency {concurrency}, ignore_eos; median of {rounds} rounds")
+    print(f"{'metric':<16}{'vllm serve':>14}{FRONTS[front]:>14}{'ratio':>10}")
     for key, label in METRICS + [("ready_s", "ready s")]:
         ratio = ours[key] / vllm[key] if vllm[key] else float("nan")
         print(f"{label:<16}{vllm[key]:>14.2f}{ours[key]:>14.2f}{ratio:>9.2f}x")
     per_round = [ours_run["output_throughput"] / vllm_run["output_throughput"] for ours_run, vllm_run in zip(ours["rounds"], vllm["rounds"])]
     print("throughput ratio per round: " + ", ".join(f"{ratio:.2f}x" for ratio in per_round))
-    for name, result in (("vllm serve", vllm), ("llmserve", ours)):
+    for name, result in (("vllm serve", vllm), (FRONTS[front], ours)):
         print(f"{name} ready in: " + ", ".join(f"{seconds:.1f}s" for seconds in result["ready_samples_s"]))
 
 
-def plot(vllm: dict[int, dict], ours: dict[int, dict], path: Path) -> None:
+def plot(vllm: dict[int, dict], ours: dict[int, dict], path: Path, front: str = "llmserve") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
     figure, (ttft, throughput) = pyplot.subplots(1, 2, figsize=(11, 4.2))
-    for name, results, style in (("vllm serve", vllm, "o--"), ("llmserve", ours, "s-")):
+    for name, results, style in (("vllm serve", vllm, "o--"), (FRONTS[front], ours, "s-")):
         levels = sorted(results)
         ttft.plot(levels, [results[c]["mean_ttft_ms"] for c in levels], style, label=name)
         throughput.plot(levels, [results[c]["output_throughput"] for c in levels], style, label=name)
@@ -303,6 +318,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--lora", type=int, default=0, help="spread requests over this many tiny LoRA adapters, loaded in both servers")
     parser.add_argument("--only", choices=["vllm", "llmserve"], help="measure one server (exploration; no ratios)")
+    parser.add_argument(
+        "--fronts", default="llmserve", help=f"comma-separated, of {sorted(FRONTS)}: each measured against `vllm serve` in rounds of its own"
+    )
     parser.add_argument("--unprotected-client", action="store_true", help="run the load generator at the servers' priority")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
@@ -319,29 +337,39 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=args.out))
     starters = {
         "vllm": lambda log, port: start_vllm(model, port, log, adapters),
-        "llmserve": lambda log, port: start_llmserve(model, port, log, workdir, adapters),
+        **{front: (lambda log, port, front=front: start_llmserve(model, port, log, workdir, adapters, front)) for front in FRONTS},
     }
-    # The same adapters under each server's names: `vllm serve` knows them by
-    # name, llmserve as `base:name`.
-    names = {"vllm": list(adapters), "llmserve": [f"{MODEL_ID}:{name}" for name in adapters]}
-    servers: list[Server] = []
-    try:
-        servers = start_in_rounds([args.only] if args.only else ["vllm", "llmserve"], starters, args, workdir)
-        results = measure(servers, model, args, names)
-    finally:
-        for server in servers:
-            server.close()
     if args.only:
+        servers = start_in_rounds([args.only], starters, args, workdir)
+        try:
+            results = measure(servers, model, args, {args.only: list(adapters) if args.only == "vllm" else [f"{MODEL_ID}:{name}" for name in adapters]})
+        finally:
+            for server in servers:
+                server.close()
         for concurrency, result in results[args.only].items():
             print(f"{args.only} c={concurrency}: " + ", ".join(f"{label} {result[key]:.2f}" for key, label in METRICS))
         return 0
-    vllm, ours = results["vllm"], results["llmserve"]
+    by_front: dict[str, tuple[dict, dict]] = {}
+    for front in args.fronts.split(","):
+        # One front at a time beside `vllm serve` (each front starts a Ray of its own), its ratios from its rounds.
+        # The same adapters under each server's names: `vllm serve` knows them by name, llmserve as `base:name`.
+        names = {"vllm": list(adapters), front: [f"{MODEL_ID}:{name}" for name in adapters]}
+        servers: list[Server] = []
+        try:
+            servers = start_in_rounds(["vllm", front], starters, args, workdir)
+            results = measure(servers, model, args, names)
+        finally:
+            for server in servers:
+                server.close()
+        by_front[front] = (results["vllm"], results[front])
+        args.port += 2 * args.ready_rounds  # (fresh ports for the next front's servers)
     print("\nload generator: " + ("same priority as the servers" if args.unprotected_client else f"protected (autogroup nice {CLIENT_NICE})"))
-    for concurrency in args.concurrency:
-        print_table(concurrency, vllm[concurrency], ours[concurrency])
-    (workdir / "summary.json").write_text(json.dumps({"vllm": vllm, "llmserve": ours}, indent=1, default=str))
-    plot(vllm, ours, workdir / "ttft_throughput.png")
-    print(f"\nplot: {workdir / 'ttft_throughput.png'}")
+    for front, (vllm, ours) in by_front.items():
+        for concurrency in args.concurrency:
+            print_table(concurrency, vllm[concurrency], ours[concurrency], front)
+        plot(vllm, ours, workdir / f"ttft_throughput_{front}.png", front)
+    (workdir / "summary.json").write_text(json.dumps({front: {"vllm": vllm, front: ours} for front, (vllm, ours) in by_front.items()}, indent=1, default=str))
+    print(f"\nplots: {workdir}/ttft_throughput_*.png")
     print(f"\nraw results and server logs: {workdir}")
     return 0
 

@@ -24,7 +24,8 @@ from llmserve.errors import UnauthorizedError
 
 KEYS_VARIABLE = "LLMSERVE_API_KEY"
 # Load balancers and Prometheus need no key (`vllm serve --api-key` keeps /metrics open too).
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+# (/-/healthz and /-/routes: the health checks of Serve's proxy, which probes such as KubeRay's send without a key.)
+OPEN_PATHS = frozenset({"/health", "/metrics", "/-/healthz", "/-/routes"})
 
 
 class ApiKeys:

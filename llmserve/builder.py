@@ -104,7 +104,7 @@ def build_openai_app_at(
     builder_config: Union[dict[str, Any], LLMServingArgs],
     *,
     base_dir: Optional[Path],
-    front_door: Optional[dict[str, Any]] = None,
+    front_door: Union[dict[str, Any], bool, None] = None,
 ):
     """``build_openai_app`` with relative paths looked up in ``base_dir`` first (a config file's
     folder), and optionally with the ingress listening on ``front_door`` (host, port) itself."""
@@ -115,6 +115,6 @@ def build_openai_app_at(
     options: dict[str, Any] = {"llm_configs": configs}
     if args.api_keys:
         options["api_keys"] = args.api_keys
-    if front_door:
+    if front_door is not None:
         options["front_door"] = front_door
     return ingress.bind(deployments, **options)

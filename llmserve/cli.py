@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from llmserve import access_log  # (standard library only: help still answers at once)
 
@@ -104,7 +104,7 @@ def load_serve_config(path: Path) -> dict[str, Any]:
 
 
 def build_applications(
-    config: dict[str, Any], base_dir: Path, front_door: Optional[dict[str, Any]] = None, api_keys: list[str] = ()
+    config: dict[str, Any], base_dir: Path, front_door: Union[dict[str, Any], bool, None] = None, api_keys: list[str] = ()
 ) -> list[tuple[dict[str, Any], Any]]:
     """Each application of a Serve config, built by its import_path (``build_openai_app``
     ones with the ingress listening on ``front_door`` itself, when given, and requiring
@@ -249,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
         _configure_local_serve("none" if use_front_door else "ray" if args.proxy == "ray" else "haproxy")
     if args.access_log:
         _configure_access_log(args.access_log, args.access_log_format, started_ray)
-    front_door = {"host": host, "port": port} if use_front_door else None
+    # (Serve's own fronts, when asked for, keep every connection.)
+    front_door = {"host": host, "port": port} if use_front_door else False if started_ray else None
     applications = build_applications(config, base_dir, front_door, args.api_key)  # config errors surface before Ray starts
     reservation = None
     if started_ray:  # fail now if the port is taken, not after the models load

@@ -169,21 +169,31 @@ def reserve_port(host: str, port: int) -> socket.socket:
 class FrontDoor:
     def __init__(self, route: Route):
         self._route = route
-        self._server: Optional[asyncio.AbstractServer] = None
+        self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[_ClientConnection] = set()
         self.port = 0
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
+        server = await loop.create_server(
             lambda: _ClientConnection(self._route, self._connections), host, port, reuse_port=True, backlog=4096
         )
-        self.port = self._server.sockets[0].getsockname()[1]  # the one chosen, for port 0
+        self._servers.append(server)
+        self.port = server.sockets[0].getsockname()[1]  # the one chosen, for port 0
         logger.info("front door listening on %s:%s", host, self.port)
 
+    async def start_on(self, listeners: list[socket.socket]) -> None:
+        """Serve connections of sockets already listening (serve_port.listen_before)."""
+        loop = asyncio.get_running_loop()
+        for listener in listeners:
+            self._servers.append(await loop.create_server(lambda: _ClientConnection(self._route, self._connections), sock=listener))
+        self.port = listeners[0].getsockname()[1]
+        logger.info("front door listening on %s", ", ".join("%s:%s" % listener.getsockname()[:2] for listener in listeners))
+
     def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
 
     async def drain(self, timeout_s: float) -> int:
         """Take no more connections or requests, and wait (up to ``timeout_s``) for the

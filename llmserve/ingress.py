@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import pydantic
 from starlette.applications import Starlette
@@ -49,6 +49,7 @@ from llmserve.placement import Admission, replica_context
 from llmserve.relay import ReplicaRelay, adapter_of, start_http_server
 from llmserve.responses import REQUEST_ID_HEADER, ApiRequest, backend_failure, error_response, stream_ending
 from llmserve.routing import ModelRouter
+from llmserve import serve_port
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,15 @@ async def _health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def _serve_healthz(request: Request) -> Response:
+    return PlainTextResponse("success")
+
+
+async def _serve_routes(request: Request) -> Response:
+    context = replica_context()
+    return JSONResponse({"/": context.app_name if context is not None else "default"})
+
+
 async def _metrics(request: Request) -> Response:
     return PlainTextResponse(await metrics.exposition(), media_type="text/plain; version=0.0.4")
 
@@ -175,6 +185,9 @@ def build_http_app(router: ModelRouter, keys: ApiKeys = ApiKeys(())) -> Starlett
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/health", _health, methods=["GET"]),
+        # What Serve's proxy answers there (probes, KubeRay's among them), for a front door in its place.
+        Route("/-/healthz", _serve_healthz),
+        Route("/-/routes", _serve_routes),
         Route("/metrics", _metrics, methods=["GET"]),
         Route("/openapi.json", _openapi_endpoint(router), methods=["GET"]),
     ]
@@ -265,28 +278,36 @@ def _drain_budget_s() -> float:
     return max(0.0, timeout - 1.0)
 
 
-async def open_front_door(router: ModelRouter, host: str, port: int, keys: ApiKeys = ApiKeys(())) -> FrontDoor:
-    """A front door for ``router`` listening on host:port, with the ingress's own app
-    (on an internal port) behind it for everything that is not a replica's to answer."""
+async def _unopened_front_door(router: ModelRouter, keys: ApiKeys) -> FrontDoor:
+    """A front door for ``router``, with the ingress's own app (on an internal port) behind
+    it for everything that is not a replica's to answer."""
     _, own_url = await start_http_server(build_http_app(router, keys), "127.0.0.1")
     own_host, own_port = own_url.removeprefix("http://").rsplit(":", 1)
-    door = FrontDoor(front_door_route(router, (own_host, int(own_port)), keys))
+    return FrontDoor(front_door_route(router, (own_host, int(own_port)), keys))
+
+
+async def open_front_door(router: ModelRouter, host: str, port: int, keys: ApiKeys = ApiKeys(())) -> FrontDoor:
+    """A front door for ``router`` listening on host:port (``llmserve run``: Serve runs no proxy)."""
+    door = await _unopened_front_door(router, keys)
     await door.start(host, port)
     return door
+
 
 
 class OpenAiIngress:
     """The ingress deployment: one OpenAI endpoint in front of many ``LLMServer`` deployments.
 
-    With ``front_door={"host": ..., "port": ...}`` the replica also listens on
-    that address itself and splices replica answers to clients
-    (``front_door.py``); ``llmserve run`` uses it in place of Serve's proxy.
+    The replica also listens itself and hands requests to model replicas or splices their
+    answers (``front_door.py``): by default on Serve's HTTP port, on its node, ahead of
+    Serve's proxy (``serve_port.py``); with ``front_door={"host": ..., "port": ...}`` at that
+    address (``llmserve run``, where Serve runs no proxy); with ``front_door=False``
+    not at all, leaving every connection to Serve's proxy.
     """
 
     async def __init__(
         self,
         llm_deployments: list[Any],
-        front_door: Optional[dict[str, Any]] = None,
+        front_door: Union[dict[str, Any], bool, None] = None,
         api_keys: Optional[list[str]] = None,
         llm_configs: Optional[list[Any]] = None,
     ):
@@ -298,13 +319,51 @@ class OpenAiIngress:
         relays = {config.model_id: _relay_for(config, handle) for config, handle in zip(configs, llm_deployments)}
         self._router = ModelRouter(relays)
         self._door: Optional[FrontDoor] = None
-        if front_door:
+        if isinstance(front_door, dict):
             self._door = await open_front_door(self._router, front_door["host"], int(front_door["port"]), self._keys)
+        self._serve_port_held = False
+        self._serve_port_refusal: Optional[str] = None
+        self._serve_port_watch: Optional[asyncio.Task] = None
+        if front_door is None:
+            await self._hold_serve_port()  # (before the replica is ready: its first requests take the fast path)
+            self._serve_port_watch = asyncio.create_task(self._keep_holding_serve_port())
+
+    async def _hold_serve_port(self) -> None:
+        """Take Serve's HTTP port on this node where the front door can answer all that Serve's
+        proxy would, and give it back where it no longer can (serve_port.py)."""
+        context = replica_context()
+        if context is None:
+            return
+        try:
+            addresses, port, refusal = await serve_port.takeover_plan(context.app_name)
+            if addresses and not self._serve_port_held:
+                listeners = serve_port.listen_before(addresses, port)
+                if self._door is None:
+                    self._door = await _unopened_front_door(self._router, self._keys)
+                await self._door.start_on(listeners)
+                self._serve_port_held = True
+        except Exception as exc:  # an unexpected Serve, a refused bind: Serve's proxy serves, as without us
+            addresses, refusal = [], f"{type(exc).__name__}: {exc}"
+        if not addresses and self._serve_port_held:
+            self._door.close()  # (connections already open finish on the front door)
+            self._serve_port_held = False
+        if refusal != self._serve_port_refusal:
+            if refusal:
+                logger.info("Serve's proxy keeps this node's HTTP connections: %s", refusal)
+            self._serve_port_refusal = refusal
+
+    async def _keep_holding_serve_port(self) -> None:
+        while True:
+            await asyncio.sleep(serve_port.RECHECK_S)
+            await self._hold_serve_port()
 
     async def __del__(self):
         """Serve stops this replica (Ctrl-C, redeploy, scale-down): the front door takes no
         new requests, and the answers in flight finish before their leases end, so the
         model replicas drain as soon as those are done."""
+        watch = getattr(self, "_serve_port_watch", None)
+        if watch is not None:
+            watch.cancel()
         if self._door is not None:
             left = await self._door.drain(_drain_budget_s())
             if left:

@@ -3,7 +3,8 @@
 Each takes the app's base URL and the ids of the models that serve the
 capability: a generating model, an embedding model (MiniLM) and a
 cross-encoder. The same checks run under `llmserve run` (front door and
-handoff) and behind Serve's proxy, so both paths prove every endpoint.
+handoff), under `serve.run` (where the ingress takes Serve's port on its node,
+serve_port.py) and with the models on another Ray node (the splice path).
 """
 
 import json

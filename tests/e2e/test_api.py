@@ -118,7 +118,7 @@ def test_greedy_output_equals_offline_vllm(client, tiny_model_paths):
     assert served.usage.completion_tokens == offline["tokens"]
 
 
-def test_every_endpoint_behind_serves_proxy(base_url):
+def test_every_endpoint_under_serve_run(base_url):
     surface.check_every_endpoint(base_url, chat_model="tiny-a", embed_model="minilm", cross_encoder="cross-encoder", speech_model="whisper")
 
 
@@ -128,7 +128,7 @@ def test_the_documented_embedding_client(client):
     assert [len(data.embedding) for data in response.data] == [384, 384]
 
 
-def test_sampling_options_behind_serves_proxy(base_url):
+def test_sampling_options_under_serve_run(base_url):
     surface.check_sampling_options(base_url, "tiny-a")
 
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 
 import openai
+import requests
 
 import pytest
 import yaml
@@ -63,7 +64,7 @@ def test_ray_serve_run_with_per_model_yaml(tiny_model_paths, tmp_path):
     model = {"model_loading_config": {"model_id": "from-yaml", "model_source": tiny_model_paths["tiny-a"]}, "engine_kwargs": TEST_ENGINE_KWARGS}
     (tmp_path / "models" / "tiny.yaml").write_text(yaml.safe_dump(model))
     config = {
-        "http_options": {"host": "127.0.0.1", "port": port},
+        "http_options": {"port": port},  # on 0.0.0.0, as configs and RayService have it
         "applications": [
             {"name": "llm_app", "route_prefix": "/", "import_path": "llmserve:build_openai_app", "args": {"llm_configs": ["models/tiny.yaml"]}}
         ],
@@ -74,7 +75,26 @@ def test_ray_serve_run_with_per_model_yaml(tiny_model_paths, tmp_path):
     try:
         wait_for_http(f"http://127.0.0.1:{port}/v1/models", process=process)
         assert ask(f"http://127.0.0.1:{port}", "from-yaml").model == "from-yaml"
-        # The same series as under `llmserve run`, at /metrics behind Serve's proxy (and in Ray's export).
+        # The ingress took the port from Serve's proxy on this node (serve_port.py): a stream's
+        # connection is held by the ingress and the model replica it was handed to, not by the proxy.
+        import ray
+        from ray import serve
+
+        ray.init(address="auto", log_to_driver=False)  # the Ray `serve run` started
+        try:
+            replica = serve.get_deployment_handle("LLMServer:from-yaml", app_name="llm_app")
+            handed_off = replica.engine_stats.remote().result()["requests_handed_off"]
+            holders = holders_of_a_stream(port, "from-yaml")
+            assert any("OpenAiIngress" in holder for holder in holders) and not any("ProxyActor" in holder for holder in holders), holders
+            # and the model replica wrote the answer on the client's socket itself.
+            assert replica.engine_stats.remote().result()["requests_handed_off"] == handed_off + 1
+        finally:
+            ray.shutdown()
+        # Serve's own health checks, as its proxy answers them (KubeRay probes /-/healthz).
+        health = requests.get(f"http://127.0.0.1:{port}/-/healthz", timeout=10)
+        assert (health.status_code, health.text) == (200, "success")
+        assert requests.get(f"http://127.0.0.1:{port}/-/routes", timeout=10).json() == {"/": "llm_app"}
+        # The same series as under `llmserve run`, at /metrics (and in Ray's export).
         answered = {"model": "from-yaml", "adapter": "", "endpoint": "chat", "status": "200"}
         samples = scrape.wait_until(f"http://127.0.0.1:{port}", lambda s: scrape.total(s, "ray_llmserve_requests_total", **answered) >= 1)
         assert scrape.total(samples, "ray_llmserve_requests_total", **answered) == 1
@@ -83,6 +103,25 @@ def test_ray_serve_run_with_per_model_yaml(tiny_model_paths, tmp_path):
         stop(process, ours=False)
         log.close()
         subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
+
+
+def holders_of_a_stream(port: int, model: str) -> set[str]:
+    """The command lines of the processes holding the server side of a connection, read while
+    it streams an answer (a raw socket: its local port is known)."""
+    import psutil
+
+    body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 300, "min_tokens": 300, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        client.sendall(head + body)
+        assert client.recv(65536).startswith(b"HTTP/1.1 200")
+        client_port = client.getsockname()[1]
+        pids = {
+            connection.pid
+            for connection in psutil.net_connections(kind="tcp")
+            if connection.pid and connection.raddr and connection.raddr.port == client_port and connection.laddr.port == port
+        }
+        return {" ".join(psutil.Process(pid).cmdline()) for pid in pids}
 
 
 def test_llmserve_run_on_a_taken_port_fails_before_loading_anything(tmp_path):
