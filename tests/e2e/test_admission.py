@@ -1,11 +1,14 @@
-"""Serve's admission rules on the path users run (`llmserve run`: front door + handoff), real engine.
+"""Serve's admission rules on the paths users run, real engine: `llmserve run` and Ray's
+`serve run config.yaml` (front door + handoff on both; under `serve run` the ingress takes
+Serve's port, serve_port.py).
 
-One `llmserve run` serves the same tiny model twice, one replica each, both
+Each command serves the same tiny model twice, one replica each, both
 with `max_ongoing_requests: 4`: "lined-up" queues without bound, "bounded"
 queues at most 8 requests and refuses the rest with a 429. Plain HTTP clients.
 A client that leaves, mid-stream or while waiting in line, is let go by the engine too.
 """
 
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +19,7 @@ import yaml
 
 from tests.conftest import TEST_ENGINE_KWARGS
 from tests.e2e import scrape
-from tests.e2e.conftest import BIN, engine_stats, free_port, start, stop, wait_for_line
+from tests.e2e.conftest import BIN, engine_stats, free_port, start, stop, wait_for_http, wait_for_line
 
 RUNNING: dict = {}  # the `llmserve run` process, for the Ctrl-C test
 MAX_ONGOING = 4
@@ -25,8 +28,8 @@ MAX_QUEUED = 8
 TOKENS = 160
 
 
-@pytest.fixture(scope="module")
-def base_url(tiny_model_paths, tmp_path_factory):
+@pytest.fixture(scope="module", params=["llmserve run", "serve run"])
+def base_url(request, tiny_model_paths, tmp_path_factory):
     folder = tmp_path_factory.mktemp("admission")
     port = free_port()
 
@@ -40,15 +43,21 @@ def base_url(tiny_model_paths, tmp_path_factory):
     models = [model("lined-up"), model("bounded", max_queued_requests=MAX_QUEUED)]
     application = {"name": "llm_app", "route_prefix": "/", "import_path": "llmserve:build_openai_app", "args": {"llm_configs": models}}
     (folder / "config.yaml").write_text(yaml.safe_dump({"http_options": {"host": "127.0.0.1", "port": port}, "applications": [application]}))
-    log_path = folder / "llmserve.log"
-    process, log = start([str(BIN / "llmserve"), "run", "config.yaml"], folder, log_path)
+    log_path = folder / "run.log"
+    ours = request.param == "llmserve run"
+    process, log = start([str(BIN / ("llmserve" if ours else "serve")), "run", "config.yaml"], folder, log_path)
     try:
-        wait_for_line(log_path, "ready in", process)
+        if ours:
+            wait_for_line(log_path, "ready in", process)
+        else:
+            wait_for_http(f"http://127.0.0.1:{port}/v1/models", process=process, timeout=600)
         RUNNING["process"] = process
         yield f"http://127.0.0.1:{port}"
     finally:
-        stop(process)
+        stop(process, ours=ours)
         log.close()
+        if not ours:  # (`serve run` leaves the Ray it started running)
+            subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
 
 
 def complete(base_url, model):
@@ -118,7 +127,8 @@ def test_a_client_leaving_mid_stream_aborts_its_engine_request(base_url):
     with requests.post(base_url + "/v1/completions", json=body, stream=True, timeout=120) as response:
         events = (line for line in response.iter_lines(chunk_size=1) if line.startswith(b"data: "))
         next(events), next(events)  # under way; then the client hangs up
-    deadline = time.monotonic() + 20
+    # (Each look at the stats is a new process joining Ray: seconds apiece on a loaded machine.)
+    deadline = time.monotonic() + 60
     while (after := engine_stats(deployment))["requests_aborted"] == before["requests_aborted"]:
         assert time.monotonic() < deadline, "the engine never aborted the request of a client that left"
         time.sleep(0.5)
