@@ -145,7 +145,7 @@ class InProcessHandle:
 
     With ``max_ongoing_requests`` it admits as Serve does: at most that many
     leases open at once, the rest wait in order (the ingress bounds that line).
-    Given several servers, it places leases on the one with the fewest open, in turn among equals, as replicas.
+    Given several servers, it places leases on them in turn, as replicas.
 
     Example::
 
@@ -156,7 +156,6 @@ class InProcessHandle:
         self._servers = list(server) if isinstance(server, (list, tuple)) else [server]
         self._server = self._servers[0]  # model cards and schemas: every replica has the same
         self._turn = 0
-        self._open_on = [0] * len(self._servers)  # leases placed on each and not yet ended
         self.leases = []
         self._slots = asyncio.Semaphore(max_ongoing_requests) if max_ongoing_requests else None
         self.queued = 0  # leases waiting for a slot
@@ -171,17 +170,14 @@ class InProcessHandle:
 
     async def _admitted(self, prefer=None):
         # A preferred replica (named by the id its leases carry) gets the lease, as
-        # affinity.LeaseRouter offers it; else, as Serve's power of two choices over two
-        # replicas, the one with fewer leases open (the replicas take turns among equals).
-        count = len(self._servers)
-        ids = [f"replica-{index}" for index in range(count)]
+        # affinity.LeaseRouter offers it; else the replicas take turns.
+        ids = [f"replica-{index}" for index in range(len(self._servers))]
         if prefer in ids:
             index = ids.index(prefer)
         else:
-            index = min(range(count), key=lambda i: (self._open_on[i], (i - self._turn) % count))
-            self._turn = index + 1
+            index = self._turn % len(self._servers)
+            self._turn += 1
         server = self._servers[index]
-        self._open_on[index] += 1
         if self._slots is not None:
             self.queued += 1
             try:
@@ -193,7 +189,6 @@ class InProcessHandle:
             async for url, admission, _ in server.reserve():
                 yield url, admission, ids[index]
         finally:
-            self._open_on[index] -= 1
             if self._slots is not None:
                 self.open -= 1
                 self._slots.release()

