@@ -13,8 +13,12 @@ prefix, as vLLM's block hashes do (a block is only reused with the same
 adapter). A request goes to the replica that holds the longest run of its
 leading blocks, unless that replica has more than ``AFFINITY_SLACK`` requests
 in flight beyond the least busy one; else to a replica holding its adapter,
-on the same terms; else to the least busy one. Prompts shorter than one
-block have no affinity. What the ingress remembers is an estimate (it cannot
+on the same terms. A prompt no replica holds goes, on the same terms, to the
+replica that was sent the least new prompt text lately (``FRESH_HALF_LIFE_S``),
+first to one Serve runs that this ingress has not placed on yet: each cache
+then gets its share of the prefixes, where a placement by load would let one
+cache get more than it holds. Prompts shorter than one block go to the least
+busy replica, Serve's choice. What the ingress remembers is an estimate (it cannot
 see the engine evict); it is bounded per replica by ``BLOCKS_PER_REPLICA``,
 least recently used first, and its error costs only a cache miss.
 
@@ -33,13 +37,14 @@ Example::
 
     caches = ReplicaCaches("prefix")
     wanted = Wanted.of("chat", body, adapter=None)
-    url, for_its_cache = caches.choose({"http://a": 3, "http://b": 1}, wanted)
+    url, why = caches.choose({"http://a": 3, "http://b": 1}, wanted)
     caches.sent(url, wanted)
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, List, Optional
@@ -56,7 +61,14 @@ BLOCKS_PER_REPLICA = 16384
 # A replica that holds a request's prefix or adapter is preferred while it has at
 # most this many more requests in flight than the least busy replica.
 AFFINITY_SLACK = 8
+# A prompt no replica holds goes where the least new prompt text went lately: each
+# replica's new blocks, counted down by half every this many seconds.
+FRESH_HALF_LIFE_S = 60.0
 POLICIES = ("prefix", "least_loaded", "power_of_two", "round_robin")
+# Why ``ReplicaCaches.choose`` chose a replica: it likely holds the prefix or adapter (CACHED),
+# it has the most room for a new prefix (ROOMIEST), or by load (None: Serve may choose).
+CACHED = "cached"
+ROOMIEST = "roomiest"
 # The keyword of ``LLMServer.reserve`` that names the preferred replica to ``LeaseRouter``.
 PREFER_KWARG = "prefer"
 # ``LeaseRouter`` as Serve's `request_router_class` names it (module:Class).
@@ -133,24 +145,29 @@ class ReplicaCaches:
         self.policy = policy
         self._blocks: dict[str, OrderedDict[int, None]] = {}  # replica URL -> block hashes, oldest first
         self._adapters: dict[str, dict[str, None]] = {}  # replica URL -> adapters sent there
+        self._fresh: dict[str, tuple[float, float]] = {}  # replica URL -> (new blocks sent lately, when counted)
         self._turn = 0
 
-    def choose(self, in_flight: dict[str, int], wanted: Wanted, idle: Optional[set[str]] = None) -> tuple[Optional[str], bool]:
+    def choose(
+        self, in_flight: dict[str, int], wanted: Wanted, idle: Optional[set[str]] = None, unplaced: bool = False
+    ) -> tuple[Optional[str], Optional[str]]:
         """The replica for a request among ``in_flight`` (URL -> this ingress's requests on it),
-        and whether it was chosen for its cache (the request then waits for a place there).
+        and why: CACHED or ROOMIEST (the request then waits for a place there), or None (by load).
 
-        Without a cache to go to, the least busy replica, one with an ``idle``
+        A long prompt that no replica holds goes ROOMIEST; with ``unplaced`` (Serve runs
+        replicas this ingress has not placed on) None is returned for it instead of a URL:
+        one of those is the roomiest. Else the least busy replica, one with an ``idle``
         lease first among equals (it needs no Serve call).
         """
         if not in_flight:
-            return None, False
+            return None, None
         urls = sorted(in_flight)
         if self.policy == "round_robin":
             self._turn += 1
-            return urls[self._turn % len(urls)], False
+            return urls[self._turn % len(urls)], None
         if self.policy == "power_of_two":
             pair = random.sample(urls, 2) if len(urls) > 1 else urls
-            return min(pair, key=in_flight.__getitem__), False
+            return min(pair, key=in_flight.__getitem__), None
         fewest = min(in_flight.values())
         within_slack = [url for url in urls if in_flight[url] <= fewest + AFFINITY_SLACK]
         if self.policy == "prefix" and wanted.blocks:
@@ -158,14 +175,19 @@ class ReplicaCaches:
             longest = max(matched.values())
             if longest:
                 best = [url for url in within_slack if matched[url] == longest]
-                return min(best, key=lambda url: (in_flight[url], random.random())), True
+                return min(best, key=lambda url: (in_flight[url], random.random())), CACHED
         if wanted.adapter is not None:
             holders = [url for url in within_slack if wanted.adapter in self._adapters.get(url, ())]
             if holders:
-                return min(holders, key=lambda url: (in_flight[url], random.random())), True
+                return min(holders, key=lambda url: (in_flight[url], random.random())), CACHED
+        if self.policy == "prefix" and wanted.blocks:
+            if unplaced:
+                return None, ROOMIEST
+            now = time.monotonic()
+            return min(within_slack, key=lambda url: (round(self._fresh_blocks(url, now)), in_flight[url], url not in (idle or ()), random.random())), ROOMIEST
         least_busy = [url for url in urls if in_flight[url] == fewest]
         with_a_lease = [url for url in least_busy if url in (idle or ())]
-        return random.choice(with_a_lease or least_busy), False
+        return random.choice(with_a_lease or least_busy), None
 
     def sent(self, replica_url: str, wanted: Wanted) -> None:
         """A request went to that replica: its prefix and adapter are there now."""
@@ -174,6 +196,9 @@ class ReplicaCaches:
         if not wanted.blocks or self.policy != "prefix":
             return
         cached = self._blocks.setdefault(replica_url, OrderedDict())
+        new = sum(1 for block in wanted.blocks if block not in cached)
+        now = time.monotonic()
+        self._fresh[replica_url] = (self._fresh_blocks(replica_url, now) + new, now)
         for block in wanted.blocks:
             cached[block] = None
             cached.move_to_end(block)
@@ -184,6 +209,12 @@ class ReplicaCaches:
         """That replica is gone (or restarted, with an empty cache)."""
         self._blocks.pop(replica_url, None)
         self._adapters.pop(replica_url, None)
+        self._fresh.pop(replica_url, None)
+
+    def _fresh_blocks(self, replica_url: str, now: float) -> float:
+        """The new blocks sent to that replica lately (each counts half after FRESH_HALF_LIFE_S)."""
+        count, counted_at = self._fresh.get(replica_url, (0.0, now))
+        return count * 0.5 ** ((now - counted_at) / FRESH_HALF_LIFE_S)
 
     def _matched_blocks(self, replica_url: str, blocks: tuple[int, ...]) -> int:
         cached = self._blocks.get(replica_url)
@@ -228,6 +259,19 @@ def serve_router_config(request_router_config: Optional[dict[str, Any]]) -> dict
     return config
 
 
+# Each deployment's replicas as Serve's router in this process last heard of them
+# ((app, deployment) -> Serve replica ids); ``LeaseRouter`` keeps it.
+_serve_replicas: dict[tuple[str, str], frozenset[str]] = {}
+
+
+def replicas_serve_runs(deployment_id: Any) -> frozenset[str]:
+    """The Serve replica ids of a deployment (a handle's ``deployment_id``) that Serve's router in
+    this process knows to be running; empty before its first request, or outside Serve."""
+    if deployment_id is None:
+        return frozenset()
+    return _serve_replicas.get((deployment_id.app_name, deployment_id.name), frozenset())
+
+
 def _lease_router_class() -> type:
     from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
@@ -240,6 +284,11 @@ def _lease_router_class() -> type:
         def initialize_state(self, policy: str = "prefix", **kwargs: Any) -> None:
             # The policy is the ingress's to apply (``ReplicaCaches``); the router only honours its choice.
             super().initialize_state(**kwargs)
+
+        def update_replicas(self, replicas: list) -> None:
+            super().update_replicas(replicas)
+            key = (self._deployment_id.app_name, self._deployment_id.name)
+            _serve_replicas[key] = frozenset(replica.replica_id.unique_id for replica in replicas)
 
         async def choose_replicas(self, candidate_replicas: list, pending_request: Any = None) -> list:
             ranks = await super().choose_replicas(candidate_replicas, pending_request)

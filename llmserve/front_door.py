@@ -66,6 +66,8 @@ MAX_HEADERS = 100
 HEAD_TIMEOUT_S = 15.0
 BODY_STALL_S = 30.0
 IDLE_TIMEOUT_S = 75.0
+# Connections the kernel holds for the front door while it is busy (Serve's proxy uses as many).
+BACKLOG = 4096
 # Hop-by-hop headers: they describe one connection, not the request.
 _HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"expect", b"host"}
 # Headers between the front door and replicas (migration.py): never taken from a client.
@@ -174,10 +176,7 @@ class FrontDoor:
         self.port = 0
 
     async def start(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: _ClientConnection(self._route, self._connections), host, port, reuse_port=True, backlog=4096
-        )
+        server = await asyncio.get_running_loop().create_server(self._new_connection, host, port, reuse_port=True, backlog=BACKLOG)
         self._servers.append(server)
         self.port = server.sockets[0].getsockname()[1]  # the one chosen, for port 0
         logger.info("front door listening on %s:%s", host, self.port)
@@ -186,9 +185,12 @@ class FrontDoor:
         """Serve connections of sockets already listening (serve_port.listen_before)."""
         loop = asyncio.get_running_loop()
         for listener in listeners:
-            self._servers.append(await loop.create_server(lambda: _ClientConnection(self._route, self._connections), sock=listener))
+            self._servers.append(await loop.create_server(self._new_connection, sock=listener, backlog=BACKLOG))
         self.port = listeners[0].getsockname()[1]
         logger.info("front door listening on %s", ", ".join("%s:%s" % listener.getsockname()[:2] for listener in listeners))
+
+    def _new_connection(self) -> "_ClientConnection":
+        return _ClientConnection(self._route, self._connections)
 
     def close(self) -> None:
         for server in self._servers:

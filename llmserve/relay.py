@@ -36,16 +36,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 import time
 import weakref
-from collections import deque
+from collections import Counter, deque
 from typing import Any, AsyncIterator, Callable, Optional
 
 from starlette.responses import Response, StreamingResponse
 
 from llmserve import metrics
-from llmserve.affinity import PREFER_KWARG, ReplicaCaches, Wanted
+from llmserve.affinity import PREFER_KWARG, ROOMIEST, ReplicaCaches, Wanted, replicas_serve_runs
 from llmserve.engine import ENDPOINT_PATHS
 from llmserve.errors import MAX_DECLINES, RETRY_ELSEWHERE_HEADER, ReplicaUnavailableError, ServiceUnavailableError, TooManyRequestsError
 from llmserve.handoff import HandoffListener, address_for
@@ -125,14 +126,19 @@ class ReplicaRelay:
         oldest request waiting for its replica, or for any.
         """
         idle = {url for url, leases in self._idle_leases.items() if leases}
-        chosen, for_its_cache = self.caches.choose(self._in_flight, wanted, idle)
+        unplaced = sorted(replicas_serve_runs(getattr(self._handle, "deployment_id", None)) - set(self._replica_ids.values()))
+        chosen, why = self.caches.choose(self._in_flight, wanted, idle, unplaced=bool(unplaced))
         lease = self._idle_leases[chosen].pop() if chosen in idle else None
         if lease is None:
             self._refuse_past_the_line()
-            # Only a choice Serve could not make itself is named to it: one by cache, or a
-            # baseline's. Else Serve places the lease, and so finds replicas it has added.
-            named = for_its_cache or self.caches.policy in ("round_robin", "power_of_two")
-            lease = await self._lease_on_a_live_replica(chosen if named else None, for_its_cache)
+            # Only a choice Serve could not make itself is named to it: one by cache or room, or
+            # a baseline's. Else Serve places the lease (so finds replicas it has added); a new
+            # prefix goes to one of those first, by its Serve id.
+            named = why is not None or self.caches.policy in ("round_robin", "power_of_two")
+            if why == ROOMIEST and chosen is None:
+                lease = await self._lease_on_a_live_replica(None, False, prefer_id=random.choice(unplaced))
+            else:
+                lease = await self._lease_on_a_live_replica(chosen if named else None, why is not None)
         replica_url = lease.replica_url
         self._in_flight[replica_url] = self._in_flight.get(replica_url, 0) + 1
         self.caches.sent(replica_url, wanted)
@@ -169,26 +175,27 @@ class ReplicaRelay:
             metrics.record(metrics.REJECTIONS, 1, model=self.model_id)
             raise _line_full(admission.refusal_status, admission.retry_after_s)
 
-    async def _lease_on_a_live_replica(self, prefer: Optional[str], only_there: bool) -> "_Lease":
+    async def _lease_on_a_live_replica(self, prefer: Optional[str], only_there: bool, prefer_id: Optional[str] = None) -> "_Lease":
         """A new lease; one that a dying replica refused is asked for again, a moment later:
         the replica exits at once, and Serve then places leases on the others."""
         for attempt in range(LEASE_TRIES):
             try:
-                return await self._wait_for_lease(prefer if attempt == 0 else None, only_there and attempt == 0)
+                first = attempt == 0
+                return await self._wait_for_lease(prefer if first else None, only_there and first, prefer_id if first else None)
             except Exception as exc:
                 if not _replica_went_away(exc) or attempt == LEASE_TRIES - 1:
                     raise
                 await asyncio.sleep(LEASE_RETRY_PAUSE_S * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def _wait_for_lease(self, prefer: Optional[str], only_there: bool) -> "_Lease":
+    async def _wait_for_lease(self, prefer: Optional[str], only_there: bool, prefer_id: Optional[str] = None) -> "_Lease":
         """A new lease from Serve, offered to replica ``prefer`` first, or one a finished request
         hands over first (on that replica if ``only_there``), whichever comes sooner."""
         handed_over = asyncio.get_running_loop().create_future()
         waiter = (handed_over, prefer if only_there else None)
         self._waiting.append(waiter)
         self._queue_changed()
-        preferred_id = self._replica_ids.get(prefer or "")
+        preferred_id = prefer_id or self._replica_ids.get(prefer or "")
         own = _Lease(self._lease_handle.reserve.remote(_this_actor(), **({PREFER_KWARG: preferred_id} if preferred_id else {})))
         learning = asyncio.ensure_future(self._learn_replica(own))
         waited = False
@@ -512,6 +519,7 @@ class ReplicaDataPlane:
         self._starting = asyncio.Lock()
         self._owners = _LeaseOwners()
         self.leases_held = 0
+        self.leases_by_owner: Counter[str] = Counter()  # open leases by the ingress actor holding them (for faults' tests)
 
     async def url(self) -> str:
         """The server's base URL, starting it on first use."""
@@ -525,17 +533,25 @@ class ReplicaDataPlane:
         ``owner`` (the ingress replica's actor, when there is one) is found dead: Ray does
         not end a call whose caller died, and Serve would count it for an hour."""
         url = await self.url()
+        # (Watched from the start: an owner that dies before its lease is granted is seen too.)
+        owner_death = self._owners.death_of(owner) if owner is not None else asyncio.sleep(MAX_LEASE_S)
+        owner_key = owner._actor_id.hex() if owner is not None else "none"
         self.leases_held += 1
+        self.leases_by_owner[owner_key] += 1
         try:
             yield url
-            if owner is None:
-                await asyncio.sleep(MAX_LEASE_S)
-            else:
-                await asyncio.wait_for(self._owners.death_of(owner), MAX_LEASE_S)
+            await asyncio.wait_for(owner_death, MAX_LEASE_S)
         except asyncio.TimeoutError:
             pass
         finally:
             self.leases_held -= 1
+            self.leases_by_owner[owner_key] -= 1
+            if not self.leases_by_owner[owner_key]:
+                del self.leases_by_owner[owner_key]
+            if isinstance(owner_death, asyncio.Future):
+                owner_death.cancel()  # (the shield only: the owner's watch goes on for its other leases)
+            else:
+                owner_death.close()
 
     @property
     def handoffs_taken(self) -> int:

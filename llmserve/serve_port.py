@@ -36,6 +36,8 @@ import socket
 import sys
 from typing import Any, Optional
 
+from llmserve.front_door import BACKLOG
+
 logger = logging.getLogger("llmserve")
 
 ANY_IPV4 = ("", "0.0.0.0")
@@ -75,7 +77,7 @@ def listen_before(addresses: list[tuple[str, Optional[str]]], port: int) -> list
             if interface is not None:
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
             listener.bind((address, port))
-            listener.listen(4096)
+            listener.listen(BACKLOG)
             listener.setblocking(False)
     except OSError:
         for listener in listeners:
@@ -116,6 +118,8 @@ def _plain(value: Any) -> Any:
 
 # How often an ingress replica looks again (another application deployed, Serve's proxy up).
 RECHECK_S = 10.0
+# Serve's http_options, as its controller says: fixed once Serve starts, so asked once per replica.
+_serve_http: Optional[dict[str, Any]] = None
 
 
 async def takeover_plan(app_name: str) -> tuple[list[tuple[str, Optional[str]]], int, Optional[str]]:
@@ -126,9 +130,12 @@ async def takeover_plan(app_name: str) -> tuple[list[tuple[str, Optional[str]]],
 
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     details = await controller.get_serve_instance_details.remote()
-    # (The details leave out options set by default, such as serve.run's host.)
-    options = await controller.get_http_config.remote()
-    http = {"host": options.host, "port": options.port, "root_path": options.root_path}
+    global _serve_http
+    if _serve_http is None:
+        # (The details leave out options set by default, such as serve.run's host.)
+        options = await controller.get_http_config.remote()
+        _serve_http = {"host": options.host, "port": options.port, "root_path": options.root_path}
+    http = _serve_http
     host, port = http["host"], int(http["port"])
     refusal = takeover_refusal(details, http, app_name, ray.get_runtime_context().get_node_id())
     if refusal is not None:

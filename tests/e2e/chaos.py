@@ -154,6 +154,19 @@ names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a
 print(json.dumps({name: ray.get(ray.get_actor(name, namespace="serve").get_num_ongoing_requests.remote()) for name in names}))
 """
 
+# Who holds each model replica's open leases (ReplicaDataPlane.leases_by_owner), and whether
+# each ingress actor is alive: where a lease outlives its request, this says whose it is.
+_LEASE_OWNERS = """
+import json, ray
+from ray.util.state import list_actors
+ray.init(address="auto", namespace="serve", log_to_driver=False)
+names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_REPLICA::") and "#LLMServer" in a["name"]]
+held = lambda actor: dict(actor._replica_impl._user_callable_wrapper._callable._data_plane.leases_by_owner)
+owners = {name: ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(held)) for name in names}
+ingresses = {a.actor_id: a.state for a in list_actors(filters=[("class_name", "=", "ServeReplica:llm_app:OpenAiIngress")], limit=1000)}
+print(json.dumps({"leases by owner": owners, "ingress actors": ingresses}))
+"""
+
 
 _REPLICA_PIDS = """
 import json, os, ray
@@ -192,12 +205,47 @@ def ongoing_requests() -> dict[str, int]:
     return _ray_json(_ONGOING)
 
 
-def _ray_json(script: str) -> dict:
+_SERVE_REPLICAS = """
+import json, sys, ray
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+ray.init(address="auto", namespace="serve", log_to_driver=False)
+controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+application = ray.get(controller.get_serve_instance_details.remote()).get("applications", {}).get(sys.argv[1], {})
+deployment = application.get("deployments", {}).get(sys.argv[2], {})
+print(json.dumps({r["replica_id"]: getattr(r["state"], "value", r["state"]) for r in deployment.get("replicas", [])}))
+"""
+
+
+def running_replicas(app_name: str, deployment: str) -> set[str]:
+    """The ids of the deployment's replicas in Serve's RUNNING state, as its controller says
+    (under `serve run`, which prints no status lines of ours)."""
+    return {replica for replica, state in _ray_json(_SERVE_REPLICAS, app_name, deployment).items() if state == "RUNNING"}
+
+
+def replicas_replaced(app_name: str, deployment: str, count: int) -> Callable[[], bool]:
+    """Whether ``count`` replicas run again, not all of them those running now (before a fault)."""
+    before = running_replicas(app_name, deployment)
+
+    def back() -> bool:
+        time.sleep(2)  # (each look starts a Ray driver: a replica starting meanwhile gets the cores)
+        now = running_replicas(app_name, deployment)
+        return len(now) == count and now != before
+
+    return back
+
+
+def lease_owners() -> dict:
+    """Each model replica's open leases by the ingress actor holding them, and each ingress
+    actor's state (ALIVE, DEAD)."""
+    return _ray_json(_LEASE_OWNERS)
+
+
+def _ray_json(script: str, *args: str) -> dict:
     """What ``script``, run as a driver of the app's Ray cluster, prints as JSON on its last line."""
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -39,18 +39,19 @@ def wait_until(base_url: str, holds: Callable[[list], bool], timeout_s: float = 
         time.sleep(2)
 
 
-def settled(base_url: str) -> list:
+def settled(base_url: str, series: tuple[str, ...] = ("ray_llmserve_",)) -> list:
     """The samples once what was recorded before now has all reached /metrics (two scrapes an
-    export interval apart agree on llmserve's series): a baseline later deltas can trust."""
-    last = _ours(scrape(base_url))
+    export interval apart agree on the series whose names begin with ``series``): a baseline
+    later deltas can trust, or the final count of what was sent."""
+    last = _ours(scrape(base_url), series)
     for _ in range(6):
         time.sleep(EXPORT_INTERVAL_S + 1)
         samples = scrape(base_url)
-        if _ours(samples) == last:
+        if _ours(samples, series) == last:
             return samples
-        last = _ours(samples)
-    raise AssertionError("llmserve's series kept changing with no requests sent")
+        last = _ours(samples, series)
+    raise AssertionError(f"the series {series} kept changing with no requests sent")
 
 
-def _ours(samples: list) -> dict:
-    return {(name, tuple(sorted(labels.items()))): value for name, labels, value in samples if name.startswith("ray_llmserve_") and not name.endswith("_queued")}
+def _ours(samples: list, series: tuple[str, ...]) -> dict:
+    return {(name, tuple(sorted(labels.items()))): value for name, labels, value in samples if name.startswith(series) and not name.endswith("_queued")}

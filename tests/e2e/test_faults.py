@@ -1,6 +1,8 @@
-"""Faults that lose nothing that can be saved, on the path users run (`llmserve run`), real engine.
+"""Faults that lose nothing that can be saved, on the paths users run, real engine:
+`llmserve run` and Ray's `serve run config.yaml` (where the ingress takes Serve's port,
+serve_port.py, and Serve's proxy gets the connections while no ingress replica runs).
 
-One `llmserve run` serves a tiny model on two replicas, its LoRA adapters on a
+Each command serves a tiny model on two replicas, its LoRA adapters on a
 local moto S3. Each test kills one process with SIGKILL while 16 streams run
 and short requests keep coming (``chaos.under_fault``), then waits until the
 app is whole again. `make chaos` runs this module and prints the table.
@@ -13,9 +15,11 @@ those begun by the replica that died.
 
 import json
 import re
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import requests
@@ -25,9 +29,10 @@ from llmserve.relay import LEASE_LINGER_S
 from llmserve.tiny_model import make_tiny_adapter
 from tests.conftest import TEST_ENGINE_KWARGS
 from tests.e2e import chaos, scrape
-from tests.e2e.conftest import BIN, free_port, local_s3, start, stop, wait_for_line
+from tests.e2e.conftest import BIN, free_port, local_s3, start, stop, wait_for_http, wait_for_line
 
 MODEL = "tiny"
+DEPLOYMENT = f"LLMServer:{MODEL}"
 STREAM = {
     "model": MODEL, "prompt": "Once upon a time", "max_tokens": 160, "min_tokens": 160, "temperature": 0,
     "stream_options": {"include_usage": True},
@@ -69,8 +74,8 @@ def s3(tiny_model_paths, tmp_path_factory):
         yield credentials
 
 
-@pytest.fixture(scope="module")
-def app(tiny_model_paths, s3, tmp_path_factory):
+@pytest.fixture(scope="module", params=["llmserve run", "serve run"])
+def app(request, tiny_model_paths, s3, tmp_path_factory):
     folder = tmp_path_factory.mktemp("faults")
     cache = folder / "cache"
     port = free_port()
@@ -83,17 +88,38 @@ def app(tiny_model_paths, s3, tmp_path_factory):
     }
     application = {"name": "llm_app", "route_prefix": "/", "import_path": "llmserve:build_openai_app", "args": {"llm_configs": [model]}}
     (folder / "config.yaml").write_text(yaml.safe_dump({"http_options": {"host": "127.0.0.1", "port": port}, "applications": [application]}))
-    log_path = folder / "llmserve.log"
-    process, log = start([str(BIN / "llmserve"), "run", "config.yaml"], folder, log_path)
+    log_path = folder / "run.log"
+    ours = request.param == "llmserve run"
+    TALLIES.clear()
+    began = time.monotonic()
+    process, log = start([str(BIN / ("llmserve" if ours else "serve")), "run", "config.yaml"], folder, log_path)
     try:
-        output = wait_for_line(log_path, "ready in", process)
-        started_s = float(re.search(r"ready in ([\d.]+)s", output).group(1))
+        if ours:
+            output = wait_for_line(log_path, "ready in", process)
+            started_s = float(re.search(r"ready in ([\d.]+)s", output).group(1))
+        else:  # (Ray's CLI prints no status of ours: Serve's controller says when both replicas run)
+            base = f"http://127.0.0.1:{port}"
+            wait_for_http(base + "/v1/models", process=process, timeout=600)
+            deadline = time.monotonic() + 300
+            while len(chaos.running_replicas("llm_app", DEPLOYMENT)) < 2 and time.monotonic() < deadline:
+                time.sleep(2)
+            started_s = time.monotonic() - began  # (Ray's start included: a bound, not a measure)
         base_url = f"http://127.0.0.1:{port}"
-        yield {"url": base_url, "pid": process.pid, "log": log_path, "start_s": started_s, "cache": cache}
+        yield {"url": base_url, "pid": process.pid, "log": log_path, "start_s": started_s, "cache": cache, "front": request.param}
     finally:
-        stop(process)
+        stop(process, ours=ours)
         log.close()
-        print("\n" + chaos.table(TALLIES))
+        if not ours:  # (`serve run` leaves the Ray it started running)
+            subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
+        print(f"\nfaults under {request.param}:\n" + chaos.table(TALLIES))
+
+
+def replicas_back(app) -> Callable[[], bool]:
+    """Whether the model's two replicas run again after a fault that starts now: `llmserve
+    run` prints it as a status line; under `serve run`, Serve's controller is asked."""
+    if app["front"] == "llmserve run":
+        return chaos.status_line_after(app["log"], len(Path(app["log"]).read_text()), rf"LLMServer:{MODEL}: healthy \(2 running\)")
+    return chaos.replicas_replaced("llm_app", DEPLOYMENT, 2)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +185,8 @@ def test_requests_that_share_a_long_prefix_run_on_one_replica_and_reuse_its_cach
     def delta(samples, name):
         return scrape.total(samples, name) - scrape.total(before, name)
 
-    after = scrape.wait_until(app["url"], lambda samples: delta(samples, "ray_vllm_prefix_cache_queries_total") > 0)
+    # (The engines' counters reach /metrics an export interval late: counted once they stop moving.)
+    after = scrape.settled(app["url"], ("ray_vllm_prefix_cache_",))
     queries, hits = delta(after, "ray_vllm_prefix_cache_queries_total"), delta(after, "ray_vllm_prefix_cache_hits_total")
     print(f"\nprefix affinity: replicas per prefix {replicas}; engine prefix cache {hits:.0f} of {queries:.0f} prompt tokens hit")
     # 16 of the 20 requests repeat a prefix of four of their five or six 128-token blocks
@@ -168,12 +195,11 @@ def test_requests_that_share_a_long_prefix_run_on_one_replica_and_reuse_its_cach
     assert queries > 0 and hits / queries > 0.55, f"prefix cache hits {hits} of {queries} tokens"
 
 
-def run_fault(app, expected, fault, title, healthy_line=None, kinds=None):
+def run_fault(app, expected, fault, title, model_replicas=False, kinds=None):
     """Kill a process titled ``title`` under load (streams of ``kinds``, or the expected ones):
     for a model replica or its engine core, that of the replica most streams began on. The
-    tally, once ``healthy_line`` shows again (without one: once another process of that title
+    tally, once both ``model_replicas`` run again (else: once another process of that title
     runs and the app answers /health)."""
-    offset = len(Path(app["log"]).read_text())
     killed = []
 
     def victim(began_on):
@@ -199,7 +225,7 @@ def run_fault(app, expected, fault, title, healthy_line=None, kinds=None):
         app["url"],
         kinds or expected["streams"],
         inject=victim,
-        recovered=chaos.status_line_after(app["log"], offset, healthy_line) if healthy_line else replaced,
+        recovered=replicas_back(app) if model_replicas else replaced,
         probe=chaos.Expected(PROBE, expected["probe"], None),
     )
     TALLIES.append(tally)
@@ -208,7 +234,7 @@ def run_fault(app, expected, fault, title, healthy_line=None, kinds=None):
 
 
 def test_engine_core_killed(app, expected):
-    tally = run_fault(app, expected, "engine core", "VLLM::EngineCore", rf"LLMServer:{MODEL}: healthy \(2 running\)")
+    tally = run_fault(app, expected, "engine core", "VLLM::EngineCore", model_replicas=True)
     assert tally.counts["hung"] == 0 and tally.counts["broken"] == 0, tally.details
     # Every stream completes with its whole text, those of the dead engine's replica at the other one.
     assert tally.streams_completed == 16, (tally.counts, tally.details)
@@ -218,7 +244,7 @@ def test_engine_core_killed(app, expected):
 
 
 def test_model_replica_killed(app, expected):
-    tally = run_fault(app, expected, "model replica", f"ray::ServeReplica:llm_app:LLMServer:{MODEL}", rf"LLMServer:{MODEL}: healthy \(2 running\)")
+    tally = run_fault(app, expected, "model replica", f"ray::ServeReplica:llm_app:{DEPLOYMENT}", model_replicas=True)
     assert tally.counts["hung"] == 0 and tally.counts["broken"] == 0, tally.details
     assert tally.streams_completed == 16, (tally.counts, tally.details)
     assert tally.migrated >= 1, "no stream was on the killed replica"
@@ -230,7 +256,7 @@ def test_a_stream_that_cannot_move_ends_with_one_error_event_when_its_engine_die
     """A stream with logprobs cannot be continued elsewhere (its logprobs would be another
     engine's): when its engine dies, the client gets one error event with the request id,
     then [DONE], at once; meanwhile the other replica serves new requests."""
-    offset = len(Path(app["log"]).read_text())
+    recovered = replicas_back(app)
     engines = {name: chaos.engine_core_of(replica) for name, replica in chaos.replica_processes(app["pid"]).items() if "LLMServer" in name}
     assert len(engines) == 2, engines
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 480, "min_tokens": 480, "temperature": 0, "logprobs": 1, "stream": True}
@@ -249,7 +275,6 @@ def test_a_stream_that_cannot_move_ends_with_one_error_event_when_its_engine_die
     assert ended_s < 10, ended_s
     # The other replica serves while this one is replaced.
     assert chaos.whole(app["url"], PROBE)[0] == "completed"
-    recovered = chaos.status_line_after(app["log"], offset, rf"LLMServer:{MODEL}: healthy \(2 running\)")
     deadline = time.monotonic() + app["start_s"] + 60
     while not recovered() and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -270,13 +295,13 @@ def test_ingress_killed(app, expected):
     deadline = time.monotonic() + 30
     while sum(chaos.ongoing_requests().values()) and time.monotonic() < deadline:
         time.sleep(2)
-    assert sum(chaos.ongoing_requests().values()) == 0, chaos.ongoing_requests()
+    assert sum(chaos.ongoing_requests().values()) == 0, (chaos.ongoing_requests(), chaos.lease_owners())
 
 
 def test_replica_killed_while_downloading_an_adapter(app, expected):
     """The download a killed replica left half done is never used; the request is served elsewhere."""
     cache = Path(app["cache"])
-    offset = len(Path(app["log"]).read_text())
+    recovered = replicas_back(app)
     asked = time.monotonic()
     result = {}
 
@@ -301,7 +326,6 @@ def test_replica_killed_while_downloading_an_adapter(app, expected):
     tally = chaos.Tally("during adapter download")
     tally.add("completed" if outcome == "completed" and text == expected["small"] else "broken" if outcome == "completed" else outcome, text)
     tally.service_back_s = time.monotonic() - killed_at if outcome == "completed" else None
-    recovered = chaos.status_line_after(app["log"], offset, rf"LLMServer:{MODEL}: healthy \(2 running\)")
     while not recovered() and time.monotonic() - killed_at < 300:
         time.sleep(0.5)
     tally.recovered_s = time.monotonic() - killed_at if recovered() else None

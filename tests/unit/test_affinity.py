@@ -9,7 +9,10 @@ from llmserve.affinity import (
     AFFINITY_SLACK,
     BLOCK_CHARS,
     BLOCKS_PER_REPLICA,
+    CACHED,
+    FRESH_HALF_LIFE_S,
     LEASE_ROUTER_PATH,
+    ROOMIEST,
     ReplicaCaches,
     Wanted,
     policy_of,
@@ -52,23 +55,65 @@ def test_a_request_goes_where_its_prefix_went_unless_that_replica_is_much_busier
     first = Wanted.of("completions", {"prompt": SYSTEM_A + "question one"}, None)
     again = Wanted.of("completions", {"prompt": SYSTEM_A + "question two"}, None)
     caches.sent("http://a", first)
-    assert caches.choose({"http://a": 3, "http://b": 0}, again) == ("http://a", True)
-    assert caches.choose({"http://a": AFFINITY_SLACK + 1, "http://b": 0}, again) == ("http://b", False)
-    # A new prefix goes to the least busy replica, preferring one with an open lease.
+    assert caches.choose({"http://a": 3, "http://b": 0}, again) == ("http://a", CACHED)
+    # Too busy: the prefix is new to the others, and goes to the roomiest of them.
+    assert caches.choose({"http://a": AFFINITY_SLACK + 1, "http://b": 0}, again) == ("http://b", ROOMIEST)
+    # A new prefix goes where the least new text went (a, b), then the least busy, then one with an open lease.
     new = Wanted.of("completions", {"prompt": SYSTEM_B}, None)
-    assert caches.choose({"http://a": 2, "http://b": 1}, new) == ("http://b", False)
-    assert caches.choose({"http://a": 1, "http://b": 1, "http://c": 1}, new, idle={"http://c"}) == ("http://c", False)
+    assert caches.choose({"http://a": 0, "http://b": 1}, new) == ("http://b", ROOMIEST)
+    assert caches.choose({"http://a": 1, "http://b": 1, "http://c": 1}, new, idle={"http://c"}) == ("http://c", ROOMIEST)
+    # A short prompt has no prefix: the least busy, Serve's choice.
+    assert caches.choose({"http://a": 0, "http://b": 1}, Wanted.of("completions", {"prompt": "hi"}, None)) == ("http://a", None)
     # The longest run of matching blocks wins over a shorter one.
     caches.sent("http://b", Wanted.of("completions", {"prompt": SYSTEM_A[: BLOCK_CHARS * 2]}, None))
-    assert caches.choose({"http://a": 1, "http://b": 0}, again) == ("http://a", True)
+    assert caches.choose({"http://a": 1, "http://b": 0}, again) == ("http://a", CACHED)
     caches.forget("http://a")
-    assert caches.choose({"http://a": 0, "http://b": 1}, again) == ("http://b", True)
+    assert caches.choose({"http://a": 0, "http://b": 1}, again) == ("http://b", CACHED)
+
+
+def test_new_prefixes_are_shared_out_so_each_cache_gets_its_share():
+    caches = ReplicaCaches("prefix")
+    homes = []
+    for n in range(16):
+        prompt = Wanted.of("completions", {"prompt": f"System prompt number {n}. " * 60}, None)
+        home, why = caches.choose({"http://a": 0, "http://b": 0}, prompt)
+        assert why == ROOMIEST
+        caches.sent(home, prompt)
+        homes.append(home)
+    assert homes.count("http://a") == homes.count("http://b") == 8, homes
+    # Within AFFINITY_SLACK only: a much busier replica gets no new prefix, however roomy.
+    caches.forget("http://a")
+    busy = {"http://a": AFFINITY_SLACK + 1, "http://b": 0}
+    assert caches.choose(busy, Wanted.of("completions", {"prompt": SYSTEM_B}, None)) == ("http://b", ROOMIEST)
+
+
+def test_what_was_sent_long_ago_counts_less_against_a_replica_s_room(monkeypatch):
+    import llmserve.affinity as affinity
+
+    now = [1000.0]
+    monkeypatch.setattr(affinity.time, "monotonic", lambda: now[0])
+    caches = ReplicaCaches("prefix")
+    caches.sent("http://a", Wanted(blocks=tuple(range(40))))
+    now[0] += FRESH_HALF_LIFE_S
+    caches.sent("http://b", Wanted(blocks=tuple(range(100, 125))))
+    # a: 40 blocks a half-life ago (20 now), b: 25 just now.
+    assert caches.choose({"http://a": 0, "http://b": 0}, Wanted(blocks=(7000, 7001))) == ("http://a", ROOMIEST)
+
+
+def test_a_new_prefix_waits_for_no_choice_when_serve_runs_a_replica_not_yet_placed_on():
+    caches = ReplicaCaches("prefix")
+    known = Wanted.of("completions", {"prompt": SYSTEM_A + "one"}, None)
+    caches.sent("http://a", known)
+    # The relay then names one of those replicas to Serve by its id (the roomiest: it holds nothing).
+    assert caches.choose({"http://a": 0}, Wanted.of("completions", {"prompt": SYSTEM_B}, None), unplaced=True) == (None, ROOMIEST)
+    assert caches.choose({"http://a": 0}, known, unplaced=True) == ("http://a", CACHED)
+    assert caches.choose({"http://a": 0}, Wanted.of("completions", {"prompt": "hi"}, None), unplaced=True) == ("http://a", None)
 
 
 def test_an_adapter_stays_with_the_replica_that_holds_it_on_the_same_terms():
     caches = ReplicaCaches("prefix")
     caches.sent("http://b", Wanted("sql"))
-    assert caches.choose({"http://a": 0, "http://b": 4}, Wanted("sql")) == ("http://b", True)
+    assert caches.choose({"http://a": 0, "http://b": 4}, Wanted("sql")) == ("http://b", CACHED)
     assert caches.choose({"http://a": 0, "http://b": AFFINITY_SLACK + 1}, Wanted("sql"))[0] == "http://a"
 
 
@@ -77,7 +122,7 @@ def test_what_a_replica_is_thought_to_hold_is_bounded_oldest_out_first():
     old = Wanted(blocks=(1, 2))
     caches.sent("http://a", old)
     caches.sent("http://a", Wanted(blocks=tuple(range(100, 100 + BLOCKS_PER_REPLICA))))
-    assert caches.choose({"http://a": 5, "http://b": 0}, old) == ("http://b", False)
+    assert caches.choose({"http://a": 5, "http://b": 0}, old) == ("http://b", ROOMIEST)
 
 
 def test_the_baseline_policies_ignore_the_cache():
@@ -87,10 +132,10 @@ def test_the_baseline_policies_ignore_the_cache():
     picks = [turns.choose({"http://a": 0, "http://b": 9}, wanted)[0] for _ in range(4)]
     assert sorted(picks) == ["http://a", "http://a", "http://b", "http://b"] and picks[0] != picks[1]
     two = ReplicaCaches("power_of_two")
-    assert {two.choose({"http://a": 5, "http://b": 1}, wanted) for _ in range(20)} == {("http://b", False)}
+    assert {two.choose({"http://a": 5, "http://b": 1}, wanted) for _ in range(20)} == {("http://b", None)}
     plain = ReplicaCaches("least_loaded")
     plain.sent("http://a", wanted)
-    assert plain.choose({"http://a": 1, "http://b": 0}, wanted) == ("http://b", False)
+    assert plain.choose({"http://a": 1, "http://b": 0}, wanted) == ("http://b", None)
 
 
 def test_the_policy_is_the_router_config_s_and_serve_gets_the_lease_router():
@@ -132,9 +177,31 @@ def test_through_the_relay_requests_sharing_a_prefix_run_on_one_replica_and_othe
             await asyncio.sleep(1.3)
             assert await settle(lambda: not any(relayed.relay._idle_leases.values()))
             assert await replica_for(SYSTEM_A, "question after a pause") in a_replicas
-            # (Where a new prefix goes while A's replica is busy is Serve's choice of lease, not
-            # asserted here: a load-based choice is left to Serve's router, docs/placement.md.)
+            # A new prefix goes to the roomier replica: the one A's did not go to.
             b_replica = await replica_for(SYSTEM_B, "first")
+            assert b_replica not in a_replicas
             assert {await replica_for(SYSTEM_B, f"again {n}") for n in range(3)} == {b_replica}
+
+    asyncio.run(go())
+
+
+def test_a_new_prefix_goes_first_to_a_replica_serve_runs_that_the_ingress_has_not_placed_on(monkeypatch):
+    """A replica Serve added (or restarted) is found by the next new prefix: the relay names it
+    to Serve by its id, from the replicas LeaseRouter last heard of."""
+    from types import SimpleNamespace
+
+    import llmserve.affinity as affinity
+    from tests.unit.test_relay import Relayed, client
+
+    async def go():
+        async with Relayed(replicas=2) as relayed, client(relayed.app) as http:
+            relayed.handle.deployment_id = SimpleNamespace(app_name="app", name="LLMServer:alpha")
+            monkeypatch.setitem(affinity._serve_replicas, ("app", "LLMServer:alpha"), frozenset({"replica-0", "replica-1"}))
+            # A short prompt: Serve's choice (here: the first replica); the ingress now knows one.
+            short = await http.post("/v1/completions", json={"model": "alpha", "prompt": "hi"})
+            first = short.headers["x-llmserve-replica"]
+            answer = await http.post("/v1/chat/completions", json=chat_body(SYSTEM_A, "question"))
+            assert answer.status_code == 200
+            assert answer.headers["x-llmserve-replica"] != first
 
     asyncio.run(go())
