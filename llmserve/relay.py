@@ -126,7 +126,7 @@ class ReplicaRelay:
         oldest request waiting for its replica, or for any.
         """
         idle = {url for url, leases in self._idle_leases.items() if leases}
-        unplaced = sorted(replicas_serve_runs(getattr(self._handle, "deployment_id", None)) - set(self._replica_ids.values()))
+        unplaced = replicas_serve_runs(getattr(self._handle, "deployment_id", None)).difference(self._replica_ids.values())
         chosen, why = self.caches.choose(self._in_flight, wanted, idle, unplaced=bool(unplaced))
         lease = self._idle_leases[chosen].pop() if chosen in idle else None
         if lease is None:
@@ -136,7 +136,7 @@ class ReplicaRelay:
             # prefix goes to one of those first, by its Serve id.
             named = why is not None or self.caches.policy in ("round_robin", "power_of_two")
             if why == ROOMIEST and chosen is None:
-                lease = await self._lease_on_a_live_replica(None, False, prefer_id=random.choice(unplaced))
+                lease = await self._lease_on_a_live_replica(None, False, prefer_id=random.choice(sorted(unplaced)))
             else:
                 lease = await self._lease_on_a_live_replica(chosen if named else None, why is not None)
         replica_url = lease.replica_url
@@ -534,7 +534,7 @@ class ReplicaDataPlane:
         not end a call whose caller died, and Serve would count it for an hour."""
         url = await self.url()
         # (Watched from the start: an owner that dies before its lease is granted is seen too.)
-        owner_death = self._owners.death_of(owner) if owner is not None else asyncio.sleep(MAX_LEASE_S)
+        owner_death = self._owners.death_of(owner) if owner is not None else asyncio.get_running_loop().create_future()
         owner_key = owner._actor_id.hex() if owner is not None else "none"
         self.leases_held += 1
         self.leases_by_owner[owner_key] += 1
@@ -548,10 +548,7 @@ class ReplicaDataPlane:
             self.leases_by_owner[owner_key] -= 1
             if not self.leases_by_owner[owner_key]:
                 del self.leases_by_owner[owner_key]
-            if isinstance(owner_death, asyncio.Future):
-                owner_death.cancel()  # (the shield only: the owner's watch goes on for its other leases)
-            else:
-                owner_death.close()
+            owner_death.cancel()  # (the shield only: the owner's watch goes on for its other leases)
 
     @property
     def handoffs_taken(self) -> int:
