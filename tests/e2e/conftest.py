@@ -156,6 +156,27 @@ def start(command, cwd, log_path):
     return subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True), log
 
 
+# The two commands a config file is served with: ours (front door + handoff) and Ray's own
+# (the ingress takes Serve's port, serve_port.py). Tests parametrized over both.
+FRONTS = ["llmserve run", "serve run"]
+
+
+@contextlib.contextmanager
+def serving(front: str, folder, log_path):
+    """``front`` (one of FRONTS) serving ``folder``/config.yaml: its process until the block
+    ends, then Ctrl-C (and, after Ray's `serve run`, which leaves the Ray it started running,
+    `ray stop`)."""
+    ours = front == "llmserve run"
+    process, log = start([str(BIN / ("llmserve" if ours else "serve")), "run", "config.yaml"], folder, log_path)
+    try:
+        yield process
+    finally:
+        stop(process, ours=ours)
+        log.close()
+        if not ours:
+            subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
+
+
 def stop(process, timeout=120, ours=True):
     """Ctrl-C, as a user would. Our own CLI must then exit in time; Ray's `serve run` is
     not ours to test, and on a loaded machine it has once missed a Ctrl-C: it gets a

@@ -8,7 +8,6 @@ queues at most 8 requests and refuses the rest with a 429. Plain HTTP clients.
 A client that leaves, mid-stream or while waiting in line, is let go by the engine too.
 """
 
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import yaml
 
 from tests.conftest import TEST_ENGINE_KWARGS
 from tests.e2e import scrape
-from tests.e2e.conftest import BIN, engine_stats, free_port, start, stop, wait_for_http, wait_for_line
+from tests.e2e.conftest import FRONTS, engine_stats, free_port, serving, wait_for_http, wait_for_line
 
 RUNNING: dict = {}  # the `llmserve run` process, for the Ctrl-C test
 MAX_ONGOING = 4
@@ -28,7 +27,7 @@ MAX_QUEUED = 8
 TOKENS = 160
 
 
-@pytest.fixture(scope="module", params=["llmserve run", "serve run"])
+@pytest.fixture(scope="module", params=FRONTS)
 def base_url(request, tiny_model_paths, tmp_path_factory):
     folder = tmp_path_factory.mktemp("admission")
     port = free_port()
@@ -44,20 +43,13 @@ def base_url(request, tiny_model_paths, tmp_path_factory):
     application = {"name": "llm_app", "route_prefix": "/", "import_path": "llmserve:build_openai_app", "args": {"llm_configs": models}}
     (folder / "config.yaml").write_text(yaml.safe_dump({"http_options": {"host": "127.0.0.1", "port": port}, "applications": [application]}))
     log_path = folder / "run.log"
-    ours = request.param == "llmserve run"
-    process, log = start([str(BIN / ("llmserve" if ours else "serve")), "run", "config.yaml"], folder, log_path)
-    try:
-        if ours:
+    with serving(request.param, folder, log_path) as process:
+        if request.param == "llmserve run":
             wait_for_line(log_path, "ready in", process)
         else:
             wait_for_http(f"http://127.0.0.1:{port}/v1/models", process=process, timeout=600)
         RUNNING["process"] = process
         yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(process, ours=ours)
-        log.close()
-        if not ours:  # (`serve run` leaves the Ray it started running)
-            subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
 
 
 def complete(base_url, model):

@@ -15,7 +15,6 @@ those begun by the replica that died.
 
 import json
 import re
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,7 +28,7 @@ from llmserve.relay import LEASE_LINGER_S
 from llmserve.tiny_model import make_tiny_adapter
 from tests.conftest import TEST_ENGINE_KWARGS
 from tests.e2e import chaos, scrape
-from tests.e2e.conftest import BIN, free_port, local_s3, start, stop, wait_for_http, wait_for_line
+from tests.e2e.conftest import FRONTS, free_port, local_s3, serving, wait_for_http, wait_for_line
 
 MODEL = "tiny"
 DEPLOYMENT = f"LLMServer:{MODEL}"
@@ -74,7 +73,7 @@ def s3(tiny_model_paths, tmp_path_factory):
         yield credentials
 
 
-@pytest.fixture(scope="module", params=["llmserve run", "serve run"])
+@pytest.fixture(scope="module", params=FRONTS)
 def app(request, tiny_model_paths, s3, tmp_path_factory):
     folder = tmp_path_factory.mktemp("faults")
     cache = folder / "cache"
@@ -89,29 +88,23 @@ def app(request, tiny_model_paths, s3, tmp_path_factory):
     application = {"name": "llm_app", "route_prefix": "/", "import_path": "llmserve:build_openai_app", "args": {"llm_configs": [model]}}
     (folder / "config.yaml").write_text(yaml.safe_dump({"http_options": {"host": "127.0.0.1", "port": port}, "applications": [application]}))
     log_path = folder / "run.log"
-    ours = request.param == "llmserve run"
     TALLIES.clear()
     began = time.monotonic()
-    process, log = start([str(BIN / ("llmserve" if ours else "serve")), "run", "config.yaml"], folder, log_path)
-    try:
-        if ours:
+    base_url = f"http://127.0.0.1:{port}"
+    with serving(request.param, folder, log_path) as process:
+        if request.param == "llmserve run":
             output = wait_for_line(log_path, "ready in", process)
             started_s = float(re.search(r"ready in ([\d.]+)s", output).group(1))
         else:  # (Ray's CLI prints no status of ours: Serve's controller says when both replicas run)
-            base = f"http://127.0.0.1:{port}"
-            wait_for_http(base + "/v1/models", process=process, timeout=600)
+            wait_for_http(base_url + "/v1/models", process=process, timeout=600)
             deadline = time.monotonic() + 300
             while len(chaos.running_replicas("llm_app", DEPLOYMENT)) < 2 and time.monotonic() < deadline:
                 time.sleep(2)
             started_s = time.monotonic() - began  # (Ray's start included: a bound, not a measure)
-        base_url = f"http://127.0.0.1:{port}"
-        yield {"url": base_url, "pid": process.pid, "log": log_path, "start_s": started_s, "cache": cache, "front": request.param}
-    finally:
-        stop(process, ours=ours)
-        log.close()
-        if not ours:  # (`serve run` leaves the Ray it started running)
-            subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
-        print(f"\nfaults under {request.param}:\n" + chaos.table(TALLIES))
+        try:
+            yield {"url": base_url, "pid": process.pid, "log": log_path, "start_s": started_s, "cache": cache, "front": request.param}
+        finally:
+            print(f"\nfaults under {request.param}:\n" + chaos.table(TALLIES))
 
 
 def replicas_back(app) -> Callable[[], bool]:
