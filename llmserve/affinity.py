@@ -136,6 +136,15 @@ def prefix_blocks(text: str, adapter: Optional[str] = None) -> tuple[int, ...]:
     return tuple(blocks)
 
 
+@dataclass(frozen=True)
+class Sent:
+    """What one request brought to a replica's estimate: an adapter and blocks it did not hold."""
+
+    replica_url: str
+    new_adapter: Optional[str]
+    new_blocks: tuple[int, ...]
+
+
 class ReplicaCaches:
     """The ingress's estimate of what each replica has cached, and the placement it drives."""
 
@@ -189,21 +198,36 @@ class ReplicaCaches:
         with_a_lease = [url for url in least_busy if url in (idle or ())]
         return random.choice(with_a_lease or least_busy), None
 
-    def sent(self, replica_url: str, wanted: Wanted) -> None:
-        """A request went to that replica: its prefix and adapter are there now."""
-        if wanted.adapter is not None:
+    def sent(self, replica_url: str, wanted: Wanted) -> "Sent":
+        """A request went (or is going) to that replica: its prefix and adapter are there now.
+        Returns what was new there, for ``unsent`` should the request land elsewhere."""
+        new_adapter = wanted.adapter is not None and wanted.adapter not in self._adapters.get(replica_url, ())
+        if new_adapter:
             self._adapters.setdefault(replica_url, {})[wanted.adapter] = None
         if not wanted.blocks or self.policy != "prefix":
-            return
+            return Sent(replica_url, wanted.adapter if new_adapter else None, ())
         cached = self._blocks.setdefault(replica_url, OrderedDict())
-        new = sum(1 for block in wanted.blocks if block not in cached)
+        new = tuple(block for block in wanted.blocks if block not in cached)
         now = time.monotonic()
-        self._fresh[replica_url] = (self._fresh_blocks(replica_url, now) + new, now)
+        self._fresh[replica_url] = (self._fresh_blocks(replica_url, now) + len(new), now)
         for block in wanted.blocks:
             cached[block] = None
             cached.move_to_end(block)
         while len(cached) > BLOCKS_PER_REPLICA:
             cached.popitem(last=False)
+        return Sent(replica_url, wanted.adapter if new_adapter else None, new)
+
+    def unsent(self, sent: "Sent") -> None:
+        """The request ``sent`` counted went to another replica after all: take back what it brought."""
+        if sent.new_adapter is not None:
+            self._adapters.get(sent.replica_url, {}).pop(sent.new_adapter, None)
+        cached = self._blocks.get(sent.replica_url)
+        if cached is None or not sent.new_blocks:
+            return
+        for block in sent.new_blocks:
+            cached.pop(block, None)
+        now = time.monotonic()
+        self._fresh[sent.replica_url] = (max(0.0, self._fresh_blocks(sent.replica_url, now) - len(sent.new_blocks)), now)
 
     def forget(self, replica_url: str) -> None:
         """That replica is gone (or restarted, with an empty cache)."""

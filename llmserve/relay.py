@@ -109,6 +109,7 @@ class ReplicaRelay:
         self.caches = ReplicaCaches(policy)  # what each replica likely has cached (placement)
         self._replica_ids: dict[str, str] = {}  # replica URL -> Serve's replica id (to prefer it)
         self._idle_leases: dict[str, list[_Lease]] = {}  # replica URL -> leases no request holds
+        self._leasing: dict[str, int] = {}  # replica URL -> requests chosen for it, waiting for their lease
         # Requests without a lease yet, oldest first, each with the replica it waits for
         # (chosen for its cache) or None (any replica).
         self._waiting: deque[tuple[asyncio.Future, Optional[str]]] = deque()
@@ -127,7 +128,10 @@ class ReplicaRelay:
         """
         idle = {url for url, leases in self._idle_leases.items() if leases}
         unplaced = replicas_serve_runs(getattr(self._handle, "deployment_id", None)).difference(self._replica_ids.values())
-        chosen, why = self.caches.choose(self._in_flight, wanted, idle, unplaced=bool(unplaced))
+        load = self._in_flight
+        if self._leasing:  # (requests still waiting for the lease of the replica chosen for them count there)
+            load = {url: count + self._leasing.get(url, 0) for url, count in load.items()}
+        chosen, why = self.caches.choose(load, wanted, idle, unplaced=bool(unplaced))
         lease = self._idle_leases[chosen].pop() if chosen in idle else None
         if lease is None:
             self._refuse_past_the_line()
@@ -137,12 +141,39 @@ class ReplicaRelay:
             named = why is not None or self.caches.policy in ("round_robin", "power_of_two")
             if why == ROOMIEST and chosen is None:
                 lease = await self._lease_on_a_live_replica(None, False, prefer_id=random.choice(sorted(unplaced)))
+            elif named and chosen is not None:
+                lease = await self._lease_for_the_chosen(chosen, why is not None, wanted)
             else:
-                lease = await self._lease_on_a_live_replica(chosen if named else None, why is not None)
+                lease = await self._lease_on_a_live_replica(None, False)
+            if lease.replica_url != chosen or not named:
+                self.caches.sent(lease.replica_url, wanted)
+        else:
+            self.caches.sent(chosen, wanted)
         replica_url = lease.replica_url
         self._in_flight[replica_url] = self._in_flight.get(replica_url, 0) + 1
-        self.caches.sent(replica_url, wanted)
         return replica_url, _once(lambda: self._release(lease))
+
+    async def _lease_for_the_chosen(self, chosen: str, only_there: bool, wanted: Wanted) -> "_Lease":
+        """A lease on the replica ``chosen`` for a request, which counts there while it waits.
+
+        The requests of a burst arrive while the first ones still wait for their leases: each
+        must see the others where they are going, or all choose the same roomiest (or least
+        busy) replica and queue there. Should the lease land elsewhere, the request counts there.
+        """
+        claim = self.caches.sent(chosen, wanted)
+        self._leasing[chosen] = self._leasing.get(chosen, 0) + 1
+        try:
+            lease = await self._lease_on_a_live_replica(chosen, only_there)
+        except BaseException:
+            self.caches.unsent(claim)
+            raise
+        finally:
+            self._leasing[chosen] -= 1
+            if not self._leasing[chosen]:
+                del self._leasing[chosen]
+        if lease.replica_url != chosen:
+            self.caches.unsent(claim)
+        return lease
 
     def learn_a_replica(self) -> None:
         """Open a lease now, in the background: a first burst of requests is then admitted by

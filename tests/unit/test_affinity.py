@@ -205,3 +205,36 @@ def test_a_new_prefix_goes_first_to_a_replica_serve_runs_that_the_ingress_has_no
             assert answer.headers["x-llmserve-replica"] != first
 
     asyncio.run(go())
+
+
+def test_a_burst_of_new_prefixes_is_shared_out_while_their_leases_are_on_their_way(monkeypatch):
+    """Requests that arrive while earlier ones still wait for their leases see those where they
+    are going: a burst of new prefixes does not all pick the same roomiest replica."""
+    from llmserve.testing import LeaseCall
+    from tests.unit.test_relay import Relayed
+
+    reaching = LeaseCall.__anext__
+
+    async def slow_lease(self):  # (as Serve's, a few round trips away)
+        await asyncio.sleep(0.05)
+        return await reaching(self)
+
+    monkeypatch.setattr(LeaseCall, "__anext__", slow_lease)
+
+    async def go():
+        async with Relayed(replicas=2) as relayed:
+            relay = relayed.relay
+            # One request held open on each replica: both known, no idle lease to take at once.
+            held = await asyncio.gather(relay.place(), relay.place())
+            (a, _), (b, _) = held
+            assert a != b
+            relay.caches.sent(a, Wanted.of("completions", {"prompt": SYSTEM_A}, None))
+            burst = [Wanted.of("completions", {"prompt": f"System prompt number {n}. " * 60}, None) for n in range(3)]
+            placed = await asyncio.gather(*(relay.place(wanted) for wanted in burst))
+            homes = [url for url, _ in placed]
+            # b had room for one prefix more than a: two of the three go there, one to a.
+            assert sorted(homes) == sorted([a, b, b]), homes
+            for _, done in [*held, *placed]:
+                done()
+
+    asyncio.run(go())
