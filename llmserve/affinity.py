@@ -13,11 +13,11 @@ prefix, as vLLM's block hashes do (a block is only reused with the same
 adapter). A request goes to the replica that holds the longest run of its
 leading blocks, unless that replica has more than ``AFFINITY_SLACK`` requests
 in flight beyond the least busy one; else to a replica holding its adapter,
-on the same terms. A prompt no replica holds goes, on the same terms, to the
-replica that was sent the least new prompt text lately (``FRESH_HALF_LIFE_S``),
-first to one Serve runs that this ingress has not placed on yet: each cache
-then gets its share of the prefixes, where a placement by load would let one
-cache get more than it holds. Prompts shorter than one block go to the least
+on the same terms. A prompt no replica holds (a whole prefill) goes to the least
+busy replica, and among equally busy ones to the one that was sent the least new
+prompt text lately (``FRESH_HALF_LIFE_S``), first to one Serve runs that this
+ingress has not placed on yet: each cache then gets its share of the prefixes,
+where a placement by load alone would let one cache get more than it holds. Prompts shorter than one block go to the least
 busy replica, Serve's choice. What the ingress remembers is an estimate (it cannot
 see the engine evict); it is bounded per replica by ``BLOCKS_PER_REPLICA``,
 least recently used first, and its error costs only a cache miss.
@@ -61,8 +61,8 @@ BLOCKS_PER_REPLICA = 16384
 # A replica that holds a request's prefix or adapter is preferred while it has at
 # most this many more requests in flight than the least busy replica.
 AFFINITY_SLACK = 8
-# A prompt no replica holds goes where the least new prompt text went lately: each
-# replica's new blocks, counted down by half every this many seconds.
+# Among equally busy replicas, a prompt no replica holds goes where the least new prompt
+# text went lately: each replica's new blocks, counted down by half every this many seconds.
 FRESH_HALF_LIFE_S = 60.0
 POLICIES = ("prefix", "least_loaded", "power_of_two", "round_robin")
 # Why ``ReplicaCaches.choose`` chose a replica: it likely holds the prefix or adapter (CACHED),
@@ -193,7 +193,9 @@ class ReplicaCaches:
             if unplaced:
                 return None, ROOMIEST
             now = time.monotonic()
-            return min(within_slack, key=lambda url: (round(self._fresh_blocks(url, now)), in_flight[url], url not in (idle or ()), random.random())), ROOMIEST
+            # The least busy first: a new prefix is a whole prefill, and a burst of them must not
+            # queue on one replica. Among equally busy ones, the one sent the least new text lately.
+            return min(urls, key=lambda url: (in_flight[url], round(self._fresh_blocks(url, now)), url not in (idle or ()), random.random())), ROOMIEST
         least_busy = [url for url in urls if in_flight[url] == fewest]
         with_a_lease = [url for url in least_busy if url in (idle or ())]
         return random.choice(with_a_lease or least_busy), None

@@ -58,9 +58,11 @@ def test_a_request_goes_where_its_prefix_went_unless_that_replica_is_much_busier
     assert caches.choose({"http://a": 3, "http://b": 0}, again) == ("http://a", CACHED)
     # Too busy: the prefix is new to the others, and goes to the roomiest of them.
     assert caches.choose({"http://a": AFFINITY_SLACK + 1, "http://b": 0}, again) == ("http://b", ROOMIEST)
-    # A new prefix goes where the least new text went (a, b), then the least busy, then one with an open lease.
+    # A new prefix goes to the least busy replica, then where the least new text went (a, b),
+    # then to one with an open lease.
     new = Wanted.of("completions", {"prompt": SYSTEM_B}, None)
-    assert caches.choose({"http://a": 0, "http://b": 1}, new) == ("http://b", ROOMIEST)
+    assert caches.choose({"http://a": 0, "http://b": 1}, new) == ("http://a", ROOMIEST)
+    assert caches.choose({"http://a": 1, "http://b": 1}, new) == ("http://b", ROOMIEST)
     assert caches.choose({"http://a": 1, "http://b": 1, "http://c": 1}, new, idle={"http://c"}) == ("http://c", ROOMIEST)
     # A short prompt has no prefix: the least busy, Serve's choice.
     assert caches.choose({"http://a": 0, "http://b": 1}, Wanted.of("completions", {"prompt": "hi"}, None)) == ("http://a", None)
@@ -81,7 +83,7 @@ def test_new_prefixes_are_shared_out_so_each_cache_gets_its_share():
         caches.sent(home, prompt)
         homes.append(home)
     assert homes.count("http://a") == homes.count("http://b") == 8, homes
-    # Within AFFINITY_SLACK only: a much busier replica gets no new prefix, however roomy.
+    # However roomy, a busier replica gets no new prefix.
     caches.forget("http://a")
     busy = {"http://a": AFFINITY_SLACK + 1, "http://b": 0}
     assert caches.choose(busy, Wanted.of("completions", {"prompt": SYSTEM_B}, None)) == ("http://b", ROOMIEST)
@@ -232,7 +234,7 @@ def test_a_burst_of_new_prefixes_is_shared_out_while_their_leases_are_on_their_w
             burst = [Wanted.of("completions", {"prompt": f"System prompt number {n}. " * 60}, None) for n in range(3)]
             placed = await asyncio.gather(*(relay.place(wanted) for wanted in burst))
             homes = [url for url, _ in placed]
-            # b had room for one prefix more than a: two of the three go there, one to a.
+            # Both equally busy, b roomier: b; then a, now the less busy; then b again, roomier.
             assert sorted(homes) == sorted([a, b, b]), homes
             for _, done in [*held, *placed]:
                 done()
