@@ -66,6 +66,9 @@ MAX_HEADERS = 100
 HEAD_TIMEOUT_S = 15.0
 BODY_STALL_S = 30.0
 IDLE_TIMEOUT_S = 75.0
+# A connection accepted just before a drain began, its first request still on its way, is
+# given this long to send it: it is answered, then closed.
+FIRST_REQUEST_GRACE_S = 2.0
 # Connections the kernel holds for the front door while it is busy (Serve's proxy uses as many).
 BACKLOG = 4096
 # Hop-by-hop headers: they describe one connection, not the request.
@@ -230,6 +233,7 @@ class _ClientConnection(asyncio.Protocol):
         self._head_size = 0
         self._timer: Optional[asyncio.TimerHandle] = None
         self._refusal: Optional[LLMServeError] = None  # the answer that ends this connection
+        self._taken = 0  # requests this connection has taken in
 
     # asyncio.Protocol
     def connection_made(self, transport: Any) -> None:
@@ -257,10 +261,22 @@ class _ClientConnection(asyncio.Protocol):
             self._worker.cancel()
 
     def drain(self) -> None:
-        """The server is shutting down: close now if idle, else after the answer being written."""
+        """The server is shutting down: close now if idle, else after the answer being written.
+
+        A connection that has taken no request yet was accepted a moment ago, and its client
+        has sent (or is sending) its first request: closed now, that request would be lost
+        with no answer, and a client cannot know whether to send it again. It is answered,
+        then the connection closes; a kept-alive connection between requests closes at once
+        (its client knows it may be closed when idle).
+        """
         self._draining = True
-        if not self._answering() and not self._closed:
-            self._close_idle_now()
+        if self._answering() or self._closed:
+            return
+        if not self._taken and not self._pending:
+            if self._reading is None:
+                self._wait(FIRST_REQUEST_GRACE_S, self._close_idle)
+            return
+        self._close_idle_now()
 
     def pause_writing(self) -> None:
         if self._upstream is not None:
@@ -325,9 +341,10 @@ class _ClientConnection(asyncio.Protocol):
             return
         self._wait(None)  # the client waits for the answer now, as long as it takes
         request, self._reading = self._reading, None
-        if self._draining:
+        if self._draining and self._taken:
             self._refuse(ServiceUnavailableError("The server is shutting down; retry on a new connection."))
             return
+        self._taken += 1
         request.body = b"".join(self._body)
         request.arrived = time.time()
         self._pending.append(request)

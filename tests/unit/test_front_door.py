@@ -448,6 +448,33 @@ def test_a_drain_lets_answers_in_flight_finish_and_takes_nothing_new():
     asyncio.run(go())
 
 
+def test_a_connection_accepted_just_before_a_drain_gets_its_first_request_answered():
+    """As in a rolling update: clients connected, the drain began, then their requests came."""
+    from llmserve.front_door import FIRST_REQUEST_GRACE_S
+
+    async def go():
+        async with Door() as door:
+            reader, writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+            silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", door.door.port)
+            assert await settle(lambda: len(door.door._connections) == 2)  # both accepted
+            started = asyncio.get_running_loop().time()
+            draining = asyncio.ensure_future(door.door.drain(10.0))
+            await asyncio.sleep(0.1)
+            body = json.dumps({"model": "alpha", "prompt": "one two"}).encode()
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            answer = await asyncio.wait_for(reader.read(), 5)  # to the end: the connection closes after it
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["choices"][0]["text"] == "one two"
+            # The one that sends nothing is closed once its grace is over; the drain waits no longer.
+            assert await asyncio.wait_for(silent_reader.read(), 5) == b""
+            assert await draining == 0
+            assert asyncio.get_running_loop().time() - started < FIRST_REQUEST_GRACE_S + 1
+            writer.close()
+            silent_writer.close()
+
+    asyncio.run(go())
+
+
 def test_a_handed_off_stream_cut_short_ends_with_one_error_event():
     async def go():
         event = b"data: {}\n\n"
