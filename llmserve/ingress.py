@@ -59,6 +59,12 @@ DEFAULT_INGRESS_OPTIONS = {
     "name": "OpenAiIngress",
     "max_ongoing_requests": 4096,
     "ray_actor_options": {"num_cpus": 0},
+    # An ingress being replaced finishes the requests its front door took, and some may still
+    # wait for a model replica: in a rolling update where the cluster cannot hold old and new
+    # model replicas at once, the model has none while the new one starts (22 s here, past
+    # Serve's default of 20). Killed at the deadline, their connections close unanswered. The
+    # drain ends as soon as they are answered, so this is only ever waited for by stuck ones.
+    "graceful_shutdown_timeout_s": 60,
 }
 
 
