@@ -51,7 +51,14 @@ ENGINE_KWARGS = {**TEST_ENGINE_KWARGS, "dtype": "float32", "max_model_len": 1024
 # Streams and probes the app must never leave hanging, whatever is killed.
 TALLIES: list[chaos.Tally] = []
 # A replica must be back within its start time plus this (Serve sees a dead process at once).
+# It restarts under the test's load, which the first start had not: on two cores that took
+# up to 1.3x as long (49 s against a 39 s start, serve run front).
 RECOVERY_SLACK_S = 10.0
+RESTART_UNDER_LOAD = 1.5
+
+
+def back_in_time(tally: chaos.Tally, app: dict) -> bool:
+    return tally.recovered_s is not None and tally.recovered_s <= app["start_s"] * RESTART_UNDER_LOAD + RECOVERY_SLACK_S
 PADDING_BYTES = 192 * 1024 * 1024  # makes the "big" adapter's download last long enough to be killed in
 
 
@@ -233,7 +240,7 @@ def test_engine_core_killed(app, expected):
     assert tally.streams_completed == 16, (tally.counts, tally.details)
     assert tally.migrated >= 1, "no stream was on the replica whose engine died"
     assert tally.service_back_s is not None and tally.service_back_s < 5
-    assert tally.recovered_s is not None and tally.recovered_s <= app["start_s"] + RECOVERY_SLACK_S
+    assert back_in_time(tally, app), (tally.recovered_s, app["start_s"])
 
 
 def test_model_replica_killed(app, expected):
@@ -242,7 +249,7 @@ def test_model_replica_killed(app, expected):
     assert tally.streams_completed == 16, (tally.counts, tally.details)
     assert tally.migrated >= 1, "no stream was on the killed replica"
     assert tally.service_back_s is not None and tally.service_back_s < 5
-    assert tally.recovered_s is not None and tally.recovered_s <= app["start_s"] + RECOVERY_SLACK_S
+    assert back_in_time(tally, app), (tally.recovered_s, app["start_s"])
 
 
 def test_a_stream_that_cannot_move_ends_with_one_error_event_when_its_engine_dies(app):
