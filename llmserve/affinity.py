@@ -17,8 +17,8 @@ on the same terms. A prompt no replica holds (a whole prefill) goes to the least
 busy replica, and among equally busy ones to the one that was sent the least new
 prompt text lately (``FRESH_HALF_LIFE_S``), first to one Serve runs that this
 ingress has not placed on yet: each cache then gets its share of the prefixes,
-where a placement by load alone would let one cache get more than it holds. Prompts shorter than one block go to the least
-busy replica, Serve's choice. What the ingress remembers is an estimate (it cannot
+where a placement by load alone would let one cache get more than it holds.
+Prompts shorter than one block go to the least busy replica, Serve's choice. What the ingress remembers is an estimate (it cannot
 see the engine evict); it is bounded per replica by ``BLOCKS_PER_REPLICA``,
 least recently used first, and its error costs only a cache miss.
 

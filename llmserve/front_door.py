@@ -272,7 +272,7 @@ class _ClientConnection(asyncio.Protocol):
         self._draining = True
         if self._answering() or self._closed:
             return
-        if not self._taken and not self._pending:
+        if not self._taken:  # (nor any pending: each one taken is counted)
             if self._reading is None:
                 self._wait(FIRST_REQUEST_GRACE_S, self._close_idle)
             return

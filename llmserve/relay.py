@@ -139,13 +139,11 @@ class ReplicaRelay:
             # a baseline's. Else Serve places the lease (so finds replicas it has added); a new
             # prefix goes to one of those first, by its Serve id.
             named = why is not None or self.caches.policy in ("round_robin", "power_of_two")
-            if why == ROOMIEST and chosen is None:
-                lease = await self._lease_on_a_live_replica(None, False, prefer_id=random.choice(sorted(unplaced)))
-            elif named and chosen is not None:
+            if named and chosen is not None:
                 lease = await self._lease_for_the_chosen(chosen, why is not None, wanted)
             else:
-                lease = await self._lease_on_a_live_replica(None, False)
-            if lease.replica_url != chosen or not named:
+                prefer_id = random.choice(sorted(unplaced)) if why == ROOMIEST else None
+                lease = await self._lease_on_a_live_replica(None, False, prefer_id=prefer_id)
                 self.caches.sent(lease.replica_url, wanted)
         else:
             self.caches.sent(chosen, wanted)
@@ -173,6 +171,7 @@ class ReplicaRelay:
                 del self._leasing[chosen]
         if lease.replica_url != chosen:
             self.caches.unsent(claim)
+            self.caches.sent(lease.replica_url, wanted)
         return lease
 
     def learn_a_replica(self) -> None:

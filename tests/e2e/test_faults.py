@@ -59,6 +59,8 @@ RESTART_UNDER_LOAD = 1.5
 
 def back_in_time(tally: chaos.Tally, app: dict) -> bool:
     return tally.recovered_s is not None and tally.recovered_s <= app["start_s"] * RESTART_UNDER_LOAD + RECOVERY_SLACK_S
+
+
 PADDING_BYTES = 192 * 1024 * 1024  # makes the "big" adapter's download last long enough to be killed in
 
 
